@@ -1,0 +1,220 @@
+"""``LoRA``: a Lightning callback that adds adapters to all linear layers and freezes the backbone."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from typing_extensions import override
+
+from lightning_qlora.fingerprint import base_fingerprint
+from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
+
+log = logging.getLogger(__name__)
+CHECKPOINT_KEY = "lightning_qlora"
+
+
+def model_root(pl_module: nn.Module) -> nn.Module:
+    """The wrapped network: ``pl_module.model`` when it is a module (HF style), else ``pl_module`` itself."""
+    inner = getattr(pl_module, "model", None)
+    return inner if isinstance(inner, nn.Module) else pl_module
+
+
+class LoRA(Callback):
+    """Inject ``h = W0·x + (alpha/r)·B·A·dropout(x)`` into all linear layers and train only the adapters.
+
+    Works whether the model is built in ``__init__`` or in ``configure_model``, and in either order with
+    :class:`~lightning_qlora.NF4Precision` (adapters are parameters, never quantized).
+
+    Args:
+        r: adapter rank.
+        alpha: scale numerator (update scaled by ``alpha / r``).
+        dropout: dropout on the adapter input.
+        target_modules: ``"all-linear"`` (all but the output head), a regex over full names, or a list of names.
+        exclude_modules: names or regexes never given an adapter.
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        dtype: adapter master-weight dtype (default fp32; computed in the autocast dtype).
+        trainable_modules: names of extra modules to keep trainable (e.g. ``["lm_head"]``).
+        gradient_checkpointing: recompute block activations in backward (HF models: their own checkpointing,
+            really on because the model is put in train mode; other models: each block of the largest ModuleList).
+        adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints.
+        export_dir: if set, write a PEFT adapter (``adapter_config.json`` + safetensors) here at the end of fit.
+
+    Raises:
+        ValueError: for r ≤ 0, a target that matches nothing, or a model without linear layers.
+    """
+
+    def __init__(
+        self,
+        r: int = 64,
+        alpha: float = 16.0,
+        dropout: float = 0.1,
+        target_modules: str | list[str] = "all-linear",
+        exclude_modules: list[str] | None = None,
+        use_rslora: bool = False,
+        dtype: str = "float32",
+        trainable_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        adapter_only_checkpoints: bool = True,
+        export_dir: str | None = None,
+    ) -> None:
+        self.config = LoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            exclude_modules=list(exclude_modules or []),
+            use_rslora=use_rslora,
+            dtype=dtype,
+        )
+        self.trainable_modules = list(trainable_modules or [])
+        self.gradient_checkpointing = gradient_checkpointing
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.export_dir = export_dir
+        self.injected: list[str] = []
+        self.trainable_params = 0
+
+    # ----------------------------------------------------------------- injection
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.strict_loading = False  # adapter-only checkpoints; on_load_checkpoint checks what matters
+        if any(isinstance(m, nn.Linear) for m in pl_module.modules()):
+            self.apply(pl_module)
+        original = pl_module.configure_model
+        if getattr(original, "_lora_wrapped", False):
+            return
+
+        @functools.wraps(original)
+        def configure_model_then_lora() -> None:
+            original()
+            if any(isinstance(m, nn.Linear) for m in pl_module.modules()):
+                self.apply(pl_module)
+
+        configure_model_then_lora._lora_wrapped = True  # type: ignore[attr-defined]
+        pl_module.configure_model = configure_model_then_lora  # type: ignore[method-assign]
+
+    def apply(self, pl_module: nn.Module) -> list[str]:
+        """Inject adapters (idempotent), freeze the rest and set up gradient checkpointing; returns new names."""
+        names = inject_lora(pl_module, self.config)
+        self.injected += names
+        self.trainable_params = mark_only_lora_trainable(pl_module, self.trainable_modules)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(model_root(pl_module))
+        if names:
+            rank_zero_info(f"LoRA: adapters on {len(self.injected)} layers, {self.trainable_params:,} trainable params")
+        return names
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not any(True for _ in lora_modules(pl_module)):
+            self.apply(pl_module)  # built lazily somewhere Lightning does not hook: still inject before training
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # transformers' from_pretrained returns eval mode, which silently turns its checkpointing (and dropout) off
+        pl_module.train()
+
+    # ---------------------------------------------------------------- checkpoints
+    def fingerprint(self, trainer: pl.Trainer, pl_module: nn.Module) -> str:
+        """The base-model fingerprint for ``pl_module`` under this trainer's precision plugin."""
+        state = trainer.precision_plugin.state_dict() if trainer is not None else {}
+        return base_fingerprint(model_root(pl_module), state.get("quantization"))
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        if self.adapter_only_checkpoints:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[CHECKPOINT_KEY] = {
+            "fingerprint": self.fingerprint(trainer, pl_module),
+            "lora": self.config.to_dict(),
+            "trainable_keys": sorted(trainable),
+        }
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        check_checkpoint_matches(checkpoint, pl_module, self.fingerprint(trainer, pl_module), self.config)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"lora": self.config.to_dict(), "injected": list(self.injected)}
+
+    # --------------------------------------------------------------------- export
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir:
+            self._export(pl_module)
+        trainer.strategy.barrier("lora_export")
+
+    @rank_zero_only
+    def _export(self, pl_module: pl.LightningModule) -> None:
+        from lightning_qlora.peft_format import export_peft
+
+        root = model_root(pl_module)
+        name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+        path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name)
+        rank_zero_info(f"LoRA: PEFT adapter written to {path}")
+
+
+def check_checkpoint_matches(checkpoint: dict, pl_module: nn.Module, fingerprint: str, config: LoRAConfig) -> None:
+    """Refuse a checkpoint written for another base model or adapter shape.
+
+    Raises:
+        ValueError: naming the mismatch and what to do.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        return  # a plain Lightning checkpoint: strict shape checks already ran when it was loaded
+    if meta["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"checkpoint was written for a different base model (fingerprint {meta['fingerprint']}, this model is "
+            f"{fingerprint}); resume with the same base model and quantization settings"
+        )
+    saved = meta.get("lora", {})
+    for key in ("r", "alpha", "use_rslora"):
+        if key in saved and saved[key] != getattr(config, key):
+            raise ValueError(
+                f"checkpoint was trained with LoRA {key}={saved[key]!r} but the callback has "
+                f"{key}={getattr(config, key)!r}; use the checkpoint's LoRA settings to resume"
+            )
+    have = {name for name, _ in pl_module.named_parameters()}
+    missing = [k for k in meta.get("trainable_keys", []) if k not in have]
+    if missing:
+        raise ValueError(
+            f"checkpoint has adapter weights for {len(missing)} layers this model lacks (e.g. "
+            f"{missing[0]}); use the same target_modules as the run that wrote it"
+        )
+
+
+def enable_gradient_checkpointing(root: nn.Module) -> str:
+    """Turn on activation checkpointing for ``root``; returns how (``"transformers"`` or ``"blocks"``)."""
+    if hasattr(root, "gradient_checkpointing_enable") and getattr(root, "supports_gradient_checkpointing", False):
+        root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        root.train()
+        return "transformers"
+    blocks = max((m for m in root.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    if blocks is None:
+        raise ValueError(f"gradient_checkpointing: {type(root).__name__} has no ModuleList of blocks to checkpoint")
+    for block in blocks:
+        if not getattr(block.forward, "_checkpointed", False):
+            block.forward = _checkpointed(block.forward)
+    return "blocks"
+
+
+def _checkpointed(forward: Any) -> Any:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    run._checkpointed = True  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,48 @@
+"""Dtype names as users write them in YAML and on the command line."""
+
+from __future__ import annotations
+
+import torch
+
+DTypeLike = str | torch.dtype
+
+_ALIASES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "bf16-mixed": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "16": torch.float16,
+    "16-true": torch.float16,
+    "16-mixed": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "32": torch.float32,
+    "32-true": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+}
+
+
+def to_dtype(value: DTypeLike) -> torch.dtype:
+    """Parse ``bf16``/``bfloat16``/``torch.bfloat16`` (and the fp16, fp32, uint8 spellings) into a ``torch.dtype``.
+
+    Raises:
+        ValueError: for a name that is not a dtype.
+    """
+    if isinstance(value, torch.dtype):
+        return value
+    key = str(value).strip().lower().removeprefix("torch.")
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise ValueError(f"unknown dtype {value!r}; use one of bf16, fp16, fp32 (or bfloat16, float16, float32, uint8)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``'bfloat16'``."""
+    return str(dtype).removeprefix("torch.")

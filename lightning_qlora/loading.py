@@ -53,6 +53,11 @@ def _deferred_class() -> type:
         def is_loaded(self) -> bool:
             return self.weight.device.type != "meta"
 
+        @property
+        def is_tied(self) -> bool:
+            """Whether the weight was replaced by a real full-precision tensor (tied to an embedding) before loading."""
+            return self.weight.device.type != "meta" and not isinstance(self.weight, _params4bit_class())
+
         def _load_from_state_dict(
             self,
             state_dict: dict,
@@ -91,6 +96,12 @@ def _deferred_class() -> type:
                     f"the layer expects {(self.out_features, self.in_features)}"
                 )
                 return
+            elif self.is_tied:
+                # the weight is shared with an embedding (a tied output head): fill it in place, never quantize it
+                with torch.no_grad():
+                    self.weight.copy_(tensor)
+                self.keep_full_precision = True
+                return
             elif self.keep_full_precision:
                 self.weight = nn.Parameter(tensor.to(self.target_device, self.bias_dtype), requires_grad=False)
                 return
@@ -100,6 +111,12 @@ def _deferred_class() -> type:
             self.quant_state = self.weight.quant_state
 
     return Deferred4bitLinear
+
+
+def _params4bit_class() -> type:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit
 
 
 def _quant_stats(state_dict: dict, prefix: str) -> dict:
@@ -233,7 +250,8 @@ def load_safetensors(
                     local[name[len(owner) + 1 :] if owner else name] = handle.get_tensor(key)
                 _load_into(module, local, device, dtype, f"{owner}." if owner else "", str(path))
                 loaded.update(f"{owner}.{k}" if owner else k for k in local)
-    return sorted(k for k in expected - loaded if _QUANT_STATE_MARKER not in k)
+    empty = {f"{name}.weight" for name, shell in deferred_layers(model) if shell.weight.device.type == "meta"}
+    return sorted(k for k in (expected - loaded) | empty if _QUANT_STATE_MARKER not in k)
 
 
 def _owner(key: str, module_names: set[str]) -> str:
@@ -248,7 +266,8 @@ def _owner(key: str, module_names: set[str]) -> str:
 def _load_into(module: nn.Module, local: dict, device: Any, dtype: Any, prefix: str, source: str) -> None:
     if _DEFERRED_CLS is not None and isinstance(module, _DEFERRED_CLS):
         errors: list[str] = []
-        module._load_from_state_dict(local, prefix, {}, False, [], [], errors)
+        full = {prefix + k: v for k, v in local.items()}
+        module._load_from_state_dict(full, prefix, {}, False, [], [], errors)
         if errors:
             raise ValueError(f"{source}: {errors[0]}; the checkpoint does not belong to this model architecture")
         return

@@ -100,7 +100,30 @@ def make_params4bit(data: torch.Tensor, config: QuantizationConfig, device: torc
         quant_type=config.quant_type,
         quant_storage=config.quant_storage,
     )
-    return weight._quantize(torch.device(device))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # bitsandbytes builds its code tables in the default dtype
+    try:
+        weight = weight._quantize(torch.device(device))
+    finally:
+        torch.set_default_dtype(previous)
+    share_code_tables(weight.quant_state)
+    return weight
+
+
+_CODE_TABLES: dict[tuple[str, bytes], torch.Tensor] = {}
+
+
+def share_code_tables(state: Any) -> None:
+    """Make a ``QuantState``'s constant lookup tables one shared copy per device and value.
+
+    bitsandbytes allocates the 16-value NF4 table and the 256-value 8-bit map of the nested state per layer
+    (≈1 KiB each) and never mutates them.
+    """
+    for owner in (state, getattr(state, "state2", None)):
+        code = getattr(owner, "code", None)
+        if isinstance(code, torch.Tensor):
+            key = (str(code.device), code.detach().float().cpu().numpy().tobytes())
+            owner.code = _CODE_TABLES.setdefault(key, code)
 
 
 def nf4_linear_class() -> type:
@@ -159,7 +182,8 @@ def quantizable_linears(model: nn.Module, config: QuantizationConfig) -> list[st
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:  # exact type: LoRA wrappers and 4-bit layers are never touched
             continue
-        if is_skipped(name, config.skip_modules) or name in tied:
+        logical = name.removesuffix(".base_layer")  # the frozen layer inside a LoRA wrapper has its wrapper's name
+        if is_skipped(logical, config.skip_modules) or name in tied:
             continue
         names.append(name)
     return names

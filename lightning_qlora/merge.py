@@ -1,0 +1,270 @@
+"""Fold LoRA adapters into their base weights and save the merged model as a Hugging Face checkpoint.
+
+``W = dequant(W0) + scaling·B·A`` is computed in float64 per layer, then stored either as a plain ``nn.Linear``
+(bf16 by default) or re-quantized to NF4. :class:`MergeReport` records how far each stored weight is from that
+exact sum (bf16 rounding, or NF4 re-quantization error) next to the size of the update itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_qlora.dtypes import DTypeLike, dtype_name, to_dtype
+from lightning_qlora.lora import LoRALinear, lora_modules
+from lightning_qlora.peft_format import atomic_directory
+from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, is_4bit_linear, linear_to_4bit
+
+WEIGHTS_NAME = "model.safetensors"
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+@dataclass
+class MergedLayer:
+    """What merging did to one layer."""
+
+    name: str
+    shape: tuple[int, int]
+    max_abs_error: float
+    """Largest ``|stored weight - (dequant(W0) + scaling·B·A)|``, the exact sum computed in float64."""
+    max_abs_delta: float
+    """Largest ``|scaling·B·A|``: an error of this size would wipe out the adapter."""
+
+
+@dataclass
+class MergeReport:
+    """Per-layer accuracy of a merge (see :func:`merge_lora`)."""
+
+    target: str
+    """``"bf16"`` (plain weights) or ``"nf4"`` (re-quantized)."""
+    dtype: str
+    """Storage of the merged weights: a torch dtype name, or the 4-bit type (``"nf4"``)."""
+    layers: list[MergedLayer] = field(default_factory=list)
+
+    @property
+    def max_abs_error(self) -> float:
+        """Worst error over all layers."""
+        return max((layer.max_abs_error for layer in self.layers), default=0.0)
+
+    @property
+    def errors(self) -> dict[str, float]:
+        """``{layer name: max abs error}``."""
+        return {layer.name: layer.max_abs_error for layer in self.layers}
+
+    def table(self) -> str:
+        """A fixed-width text table, one row per layer plus a summary line."""
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'max|err|':>10}  {'max|delta|':>10}  {'err/delta':>9}"]
+        for layer in self.layers:
+            ratio = layer.max_abs_error / layer.max_abs_delta if layer.max_abs_delta else float("inf")
+            shape = "x".join(map(str, layer.shape))
+            lines.append(
+                f"{layer.name:<{width}}  {shape:>11}  {layer.max_abs_error:>10.3e}  {layer.max_abs_delta:>10.3e}"
+                f"  {ratio:>9.3f}"
+            )
+        lines.append(
+            f"merged {len(self.layers)} layers to {self.target} ({self.dtype}); max error {self.max_abs_error:.3e}"
+        )
+        return "\n".join(lines)
+
+
+def _quantization_like(layer: nn.Module) -> QuantizationConfig:
+    """NF4 with the settings a 4-bit layer was quantized with (blocksize, double quant, compute/storage dtypes)."""
+    weight = layer.weight
+    state = weight.quant_state
+    return QuantizationConfig(
+        quant_type="nf4",
+        double_quant=bool(state.nested),
+        blocksize=state.blocksize,
+        compute_dtype=getattr(layer, "compute_dtype", None) or state.dtype,
+        quant_storage=getattr(weight, "quant_storage", torch.uint8),
+    )
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def merge_lora(
+    model: nn.Module,
+    target: Literal["bf16", "nf4"] = "bf16",
+    quantization: QuantizationConfig | None = None,
+    dtype: DTypeLike = torch.bfloat16,
+) -> MergeReport:
+    """Replace every :class:`LoRALinear` in ``model`` by one layer holding ``W0 + scaling·B·A``, in place.
+
+    ``W0`` is dequantized when the base is 4-bit. With ``target="bf16"`` the merged weight (and the bias) is stored
+    as a plain frozen ``nn.Linear`` in ``dtype``; with ``target="nf4"`` it is re-quantized into an ``NF4Linear``
+    with ``quantization`` (default: NF4 with the base layer's own blocksize, double quant and compute dtype, or
+    :class:`QuantizationConfig` defaults for a full-precision base), quantizing from the dtype ``W0`` came from.
+    The exact sum is computed in float64 on the weight's device and each layer's error is measured against it.
+    Dropout is dropped (merged weights are for inference). Only adapted layers change: cast the rest of the model
+    (parameters only, as ``from_pretrained(dtype=...)`` does) before running it if it is in another dtype.
+
+    Args:
+        model: a model with LoRA layers.
+        target: ``"bf16"`` for a full-precision merge (dtype set by ``dtype``), ``"nf4"`` to re-quantize.
+        quantization: 4-bit settings for ``target="nf4"``; ignored for ``"bf16"``.
+        dtype: storage dtype for ``target="bf16"`` (bf16 default; fp32/fp16 allowed).
+
+    Returns:
+        A :class:`MergeReport` with one row per merged layer.
+
+    Raises:
+        ValueError: if ``target`` is unknown or the model has no LoRA layers.
+    """
+    if target not in ("bf16", "nf4"):
+        raise ValueError(f"merge target={target!r} is not supported; use 'bf16' (plain weights) or 'nf4' (4-bit)")
+    dtype = to_dtype(dtype)
+    layers = list(lora_modules(model))
+    layers = [(n, m) for n, m in layers if not any(n.startswith(f"{o}.") for o, _ in layers)]  # outermost only
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to merge; inject_lora or import_peft first")
+    report = MergeReport(target=target, dtype=dtype_name(dtype))
+    for name, layer in layers:
+        merged, error, delta = _merge_layer(layer, target, quantization, dtype)
+        report.layers.append(MergedLayer(name, (layer.out_features, layer.in_features), error, delta))
+        if target == "nf4":
+            report.dtype = merged.weight.quant_state.quant_type  # "nf4", or "fp4" when asked for explicitly
+        _set_submodule(model, name, merged)
+    return report
+
+
+def _merge_layer(
+    layer: LoRALinear, target: str, quantization: QuantizationConfig | None, dtype: torch.dtype
+) -> tuple[nn.Module, float, float]:
+    base = layer.base_layer
+    if isinstance(base, LoRALinear):  # stacked adapters: fold the inner one first
+        base, _, _ = _merge_layer(base, "bf16", None, torch.float32)
+    with torch.no_grad():
+        delta = layer.delta_weight(torch.float64).to(base.weight.device)
+        exact = dequantize_weight(base, torch.float64) + delta
+        bias = None if base.bias is None else base.bias.detach()
+        if target == "bf16":
+            merged: nn.Module = nn.Linear(
+                layer.in_features, layer.out_features, bias=bias is not None, device=exact.device, dtype=dtype
+            )
+            merged.weight.copy_(exact)
+            if bias is not None:
+                merged.bias.copy_(bias)
+        else:
+            four_bit = is_4bit_linear(base)
+            config = quantization or (_quantization_like(base) if four_bit else QuantizationConfig())
+            source = base.weight.quant_state.dtype if four_bit else base.weight.dtype  # what W0 was quantized from
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+            plain.weight = nn.Parameter(exact.to(source), requires_grad=False)
+            if bias is not None:
+                plain.bias = nn.Parameter(bias.clone(), requires_grad=False)
+            merged = linear_to_4bit(plain, config, exact.device)
+        error = (dequantize_weight(merged, torch.float64) - exact).abs().max().item()
+    merged.requires_grad_(False)
+    merged.train(layer.training)
+    return merged, error, delta.abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------------- saving
+def _tied_pairs(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` parameter names the model's config says are tied (transformers' mapping)."""
+    getter = getattr(model, "get_expanded_tied_weights_keys", None)
+    if getter is not None:
+        try:
+            return dict(getter(all_submodels=True))
+        except Exception:  # a custom model with a malformed mapping: treat as untied
+            return {}
+    return {}
+
+
+def _dedupe(state: dict[str, torch.Tensor], drop_first: set[str]) -> dict[str, torch.Tensor]:
+    """Keep one name per shared storage (preferring names not in ``drop_first``); clone partial overlaps."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        empty = tensor.untyped_storage().nbytes() == 0  # all empty storages share data_ptr 0
+        key = (tensor.device, name) if empty else (tensor.device, tensor.untyped_storage().data_ptr())
+        groups.setdefault(key, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        first = state[names[0]]
+        same = all(
+            state[n].shape == first.shape
+            and state[n].stride() == first.stride()
+            and state[n].storage_offset() == first.storage_offset()
+            for n in names
+        )
+        if len(names) == 1 or not same:
+            out.update({n: state[n].clone() if len(names) > 1 else state[n] for n in names})
+            continue
+        keep = sorted(names, key=lambda n: (n in drop_first, names.index(n)))[0]
+        out[keep] = first
+    return out
+
+
+def save_merged_safetensors(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a merged (plain-weight) model as ``model.safetensors`` + ``config.json`` that ``from_pretrained`` loads.
+
+    Tensor names are the model's ``state_dict`` names (a Hugging Face model root gives Hugging Face names). Tensors
+    sharing storage (tied embeddings) are stored once, under the name transformers re-ties from; if merging broke a
+    tie the config says exists (an adapter on a tied head), the saved config gets ``tie_word_embeddings=False``.
+    The config's ``dtype`` becomes the dtype holding most parameters (``from_pretrained`` loads everything in it)
+    and any ``quantization_config`` is dropped. One file, no sharding. The folder is replaced atomically
+    (:func:`lightning_qlora.peft_format.atomic_directory`); stale checkpoint files in it are not carried over.
+
+    Args:
+        model: a model without LoRA or 4-bit layers (call ``merge_lora(model, "bf16")`` first).
+        directory: output folder (created or replaced).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        ValueError: if the model still has LoRA or 4-bit layers.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} is a LoRA layer; call merge_lora(model, 'bf16') before save_merged_safetensors")
+        if is_4bit_linear(module):
+            raise ValueError(
+                f"{name} is a 4-bit layer; save_merged_safetensors writes plain weights and merge_lora(model, 'bf16') "
+                "only converts layers that have an adapter (target them all, or merge to a 4-bit checkpoint instead)"
+            )
+    from safetensors.torch import save_file
+
+    tied = _tied_pairs(model)
+    state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    state = {k: v.to("cpu").contiguous() for k, v in _dedupe(state, set(tied)).items()}
+    config = getattr(model, "config", None)
+    config = copy.deepcopy(config) if hasattr(config, "save_pretrained") else None
+    if config is not None:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        broken = [t for t, s in tied.items() if t in params and s in params and params[t] is not params[s]]
+        if broken and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        counts: dict[torch.dtype, int] = {}
+        for param in model.parameters():
+            if param.is_floating_point():
+                counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+        if counts:
+            config.dtype = dtype_name(max(counts, key=lambda d: counts[d]))
+    generation = getattr(model, "generation_config", None)
+
+    def owned(name: str) -> bool:
+        return name in _CHECKPOINT_FILES or (name.startswith(("model", "pytorch_model")) and "." in name)
+
+    with atomic_directory(directory, owned) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if config is not None:
+            config.save_pretrained(tmp)
+            if generation is not None and hasattr(generation, "save_pretrained"):
+                generation.save_pretrained(tmp)
+    return Path(directory).expanduser().resolve()
+
+
+__all__ = ["MergeReport", "MergedLayer", "merge_lora", "save_merged_safetensors"]

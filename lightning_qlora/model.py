@@ -1,0 +1,148 @@
+"""``CausalLM``: a LightningModule around a transformers causal LM, loaded through the 4-bit quantize-on-load path."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_qlora.dtypes import to_dtype
+from lightning_qlora.hub import load_causal_lm, resolve_model_dir
+from lightning_qlora.precision import NF4Precision
+
+
+class CausalLM(pl.LightningModule):
+    """Fine-tune a causal LM; with :class:`~lightning_qlora.NF4Precision` its linear layers load straight into 4 bits.
+
+    The model is built in ``configure_model`` (so no full-precision copy of the quantized layers ever reaches the
+    device) from a local directory, a ``.gguf`` file, a ``pkg://`` path or a hub id. Defaults follow the QLoRA
+    paper: AdamW at lr 2e-4, constant schedule (optional linear warmup); clip gradients at 0.3 with the Trainer's
+    ``gradient_clip_val``.
+
+    Args:
+        model: model source (see :func:`lightning_qlora.hub.resolve_model_dir`).
+        tokenizer: tokenizer source (default: the model's own).
+        dtype: dtype of the unquantized parameters (embeddings, norms, head): ``bf16``, ``fp16`` or ``fp32``.
+        lr: learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps before the constant learning rate.
+        trust_remote_code: allow model code from the checkpoint (off unless you turn it on).
+        attn_implementation: transformers attention backend (``sdpa`` by default).
+        cache_dir: where GGUF conversions are cached.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str = "bf16",
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = "sdpa",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = model
+        self.tokenizer_source = tokenizer
+        self.dtype_ = to_dtype(dtype)
+        self.model: nn.Module | None = None
+        self._tokenizer: Any = None
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_history: list[tuple[int, float]] = []
+        """``(global_step, held-out loss)`` after every validation pass, sanity check included."""
+
+    # ------------------------------------------------------------------ building
+    @property
+    def model_dir(self) -> Any:
+        """The local transformers directory the model and tokenizer load from (converted/downloaded on first use)."""
+        return resolve_model_dir(self.source, self.hparams.cache_dir)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded lazily; a pad token is set to eos when the tokenizer has none)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source: Any = self.tokenizer_source or self.model_dir
+            if str(source).endswith(".gguf") or str(source).startswith("pkg://"):
+                source = resolve_model_dir(source, self.hparams.cache_dir)  # GGUF conversions carry the tokenizer
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.hparams.trust_remote_code)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        """Build the transformers model, quantizing on load when the Trainer uses :class:`NF4Precision`."""
+        if self.model is not None:
+            return
+        quantization = None
+        device: Any = "cpu"
+        if self._trainer is not None:
+            plugin = self.trainer.precision_plugin
+            quantization = plugin.config if isinstance(plugin, NF4Precision) else None
+            device = self.trainer.strategy.root_device
+        self.model = load_causal_lm(
+            self.model_dir,
+            quantization=quantization,
+            device=device,
+            dtype=self.dtype_,
+            trust_remote_code=self.hparams.trust_remote_code,
+            attn_implementation=self.hparams.attn_implementation,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run the wrapped model (returns its output object with ``.logits``)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
+        )
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        return out.loss, tokens
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Next-token cross-entropy on the trained (response) tokens."""
+        loss, tokens = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.log("train_tokens", tokens.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Token-weighted held-out loss; perplexity is ``exp`` of its epoch mean."""
+        loss, tokens = self._loss(batch)
+        self.val_loss.update(loss.detach().float(), weight=tokens.float())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss``/``val_ppl`` over the whole held-out set and remember them."""
+        value = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val_loss", value, prog_bar=True, sync_dist=True)
+        self.log("val_ppl", torch.exp(value), sync_dist=True)
+        if not math.isnan(float(value)):
+            self.val_history.append((self.global_step, float(value)))
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        """AdamW over trainable parameters; constant lr after ``warmup_steps`` of linear warmup."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("CausalLM has no trainable parameters; add the LoRA callback to the Trainer")
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
+        )
+        warmup = max(0, int(self.hparams.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,111 @@
+"""``RunSummary``: tokens/s and peak memory while training, and a short table at the end of the run."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_qlora.footprint import measure_footprint
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak memory and what it measures: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS else."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process peak RSS"
+
+
+class RunSummary(Callback):
+    """Log ``tokens_per_sec`` (non-padding tokens through the model) and peak memory; print a table at fit end.
+
+    Args:
+        log_every_n_steps: how often to log throughput.
+    """
+
+    def __init__(self, log_every_n_steps: int = 10) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.tokens = 0
+        self.seconds = 0.0
+        self._start = 0.0
+        self._window_tokens = 0
+        self._window_start = 0.0
+        self.rows: dict[str, str] = {}
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+        if not self._window_start:
+            self._window_start = self._start
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        tokens = _count_tokens(batch)
+        self.tokens += tokens
+        self.seconds += now - self._start
+        self._window_tokens += tokens
+        if trainer.global_step % self.log_every_n_steps == 0 and trainer.loggers:
+            rate = self._window_tokens / max(now - self._window_start, 1e-9)
+            peak, _ = peak_memory_bytes(trainer.strategy.root_device)
+            pl_module.log_dict({"tokens_per_sec": rate, "peak_memory_gib": peak / 2**30}, batch_size=1)
+            self._window_tokens, self._window_start = 0, now
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = self.collect(trainer, pl_module)
+        self._print()
+
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+        """The summary as ordered label -> value strings."""
+        footprint = measure_footprint(pl_module)
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        peak, what = peak_memory_bytes(trainer.strategy.root_device)
+        rows = {
+            "trainable params": f"{trainable:,}",
+            "4-bit weights": f"{footprint.quantized_bytes / 2**20:.1f} MiB ({footprint.bits_per_quantized_param:.3f} "
+            f"bits/param over {footprint.quantized_params:,} params)",
+            "unquantized params": f"{footprint.unquantized_bytes / 2**20:.1f} MiB",
+            "adapter": f"{footprint.adapter_bytes / 2**20:.1f} MiB",
+            "steps": str(trainer.global_step),
+            "tokens/s (train)": f"{self.tokens / self.seconds:,.0f}" if self.seconds else "n/a",
+            f"peak memory ({what})": f"{peak / 2**30:.2f} GiB",
+        }
+        history = getattr(pl_module, "val_history", [])
+        if history:
+            rows["held-out loss before"] = f"{history[0][1]:.4f} (step {history[0][0]})"
+            rows["held-out loss after"] = f"{history[-1][1]:.4f} (step {history[-1][0]})"
+        for callback in trainer.callbacks:
+            for label, value in getattr(callback, "summary_rows", lambda: {})().items():
+                rows[label] = value
+        return rows
+
+    @rank_zero_only
+    def _print(self) -> None:
+        width = max(len(k) for k in self.rows)
+        lines = ["", "lightning-qlora run summary", "-" * (width + 40)]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in self.rows.items()]
+        print("\n".join(lines), flush=True)
+
+
+def _count_tokens(batch: Any) -> int:
+    if isinstance(batch, dict):
+        if "attention_mask" in batch and batch["attention_mask"] is not None:
+            return int(batch["attention_mask"].sum())
+        if "input_ids" in batch:
+            return batch["input_ids"].numel()
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_qlora.callback import model_root
@@ -62,9 +63,9 @@ class QLoRATrainer(pl.Trainer):
             output_path=output_path,
         )
         if runner.tasks:
-            from lightning_qlora.evaluation.tasks import check_tasks
+            from lightning_qlora.evaluation.tasks import validate_tasks
 
-            check_tasks(runner.tasks, include_path=include_path, mmlu_path=mmlu_path)
+            validate_tasks(runner.tasks, include_path=include_path, mmlu_path=mmlu_path)
         self.callbacks.append(runner)
         if datamodule is None:
             self.limit_val_batches = 0
@@ -107,6 +108,23 @@ class _EvaluateOnValidationStart(Callback):
         print(format_results_table(self.results), flush=True)
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """An argument parser whose errors are one ``lightning-qlora: error: ...`` line (exit code 2), not a usage dump."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if os.environ.get("LIGHTNING_QLORA_DEBUG") or not self.exit_on_error:
+            super().error(message, ex)
+        first = " ".join(message.split()) or "invalid arguments"  # jsonargparse nests causes over lines
+        specific = re.search(r"Problem with given class_path (.*?)(?: - Expected a|$)", first)
+        if specific:  # a subclass-mode key: say which class and option rather than the Union bookkeeping
+            first = f"{first.split(':')[0]}: {specific.group(1).strip()}"
+        first = first[:400]
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"lightning-qlora: error: {first} (options: {prog} --help)\n")
+        raise SystemExit(2)
+
+
 class QLoRACLI(LightningCLI):
     """LightningCLI whose model and data come from YAML ``class_path``/``init_args`` (any LightningModule)."""
 
@@ -128,6 +146,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_class=QLoRATrainer,
+            parser_class=OneLineErrorParser,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -67,6 +70,19 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.rows = self.collect(trainer, pl_module)
         self._print()
+        self._write(Path(trainer.default_root_dir) / "summary.json", getattr(pl_module, "val_history", []))
+
+    @rank_zero_only
+    def _write(self, path: Path, history: list) -> None:
+        """Write the table and the held-out loss history as JSON (temp file + fsync + rename)."""
+        payload = {"rows": self.rows, "val_history": [{"step": s, "val_loss": v} for s, v in history]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
         """The summary as ordered label -> value strings."""

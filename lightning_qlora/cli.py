@@ -142,7 +142,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         QLoRACLI(
             model_class=pl.LightningModule,
-            datamodule_class=pl.LightningDataModule,
+            datamodule_class=None,  # optional: `evaluate` needs no data
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_class=QLoRATrainer,

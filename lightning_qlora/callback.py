@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_qlora.fingerprint import base_fingerprint
+from lightning_qlora.fingerprint import base_fingerprint, describe_mismatch, fingerprint_parts
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class LoRA(Callback):
         pl_module.strict_loading = False  # adapter-only checkpoints; on_load_checkpoint checks what matters
         if any(isinstance(m, nn.Linear) for m in pl_module.modules()):
             self.apply(pl_module)
+        self._check_before_loading(pl_module)
         original = pl_module.configure_model
         if getattr(original, "_lora_wrapped", False):
             return
@@ -100,6 +101,24 @@ class LoRA(Callback):
 
         configure_model_then_lora._lora_wrapped = True  # type: ignore[attr-defined]
         pl_module.configure_model = configure_model_then_lora  # type: ignore[method-assign]
+
+    def _check_before_loading(self, pl_module: pl.LightningModule) -> None:
+        # Lightning loads the checkpoint's state dict right after the module's ``on_load_checkpoint`` and before the
+        # callbacks' hook, so a wrong base would fail there with torch's multi-line size-mismatch error: check first.
+        original = pl_module.on_load_checkpoint
+        if getattr(original, "_lora_checked", False):
+            original.callback = self  # type: ignore[attr-defined]  # the latest LoRA callback checks
+            return
+
+        @functools.wraps(original)
+        def on_load_checkpoint_then_check(checkpoint: dict) -> None:
+            original(checkpoint)
+            callback = on_load_checkpoint_then_check.callback  # type: ignore[attr-defined]
+            callback._check(getattr(pl_module, "_trainer", None), pl_module, checkpoint)
+
+        on_load_checkpoint_then_check._lora_checked = True  # type: ignore[attr-defined]
+        on_load_checkpoint_then_check.callback = self  # type: ignore[attr-defined]
+        pl_module.on_load_checkpoint = on_load_checkpoint_then_check  # type: ignore[method-assign]
 
     def apply(self, pl_module: nn.Module) -> list[str]:
         """Inject adapters (idempotent), freeze the rest and set up gradient checkpointing; returns new names."""
@@ -125,8 +144,15 @@ class LoRA(Callback):
     # ---------------------------------------------------------------- checkpoints
     def fingerprint(self, trainer: pl.Trainer, pl_module: nn.Module) -> str:
         """The base-model fingerprint for ``pl_module`` under this trainer's precision plugin."""
-        state = trainer.precision_plugin.state_dict() if trainer is not None else {}
-        return base_fingerprint(model_root(pl_module), state.get("quantization"))
+        return base_fingerprint(model_root(pl_module), _quantization(trainer))
+
+    def fingerprint_parts(self, trainer: pl.Trainer, pl_module: nn.Module) -> dict[str, Any]:
+        """Architecture, quantization settings and value digests of ``pl_module``'s frozen base."""
+        return fingerprint_parts(model_root(pl_module), _quantization(trainer))
+
+    def _check(self, trainer: pl.Trainer | None, pl_module: nn.Module, checkpoint: dict) -> None:
+        fingerprint, parts = self.fingerprint(trainer, pl_module), self.fingerprint_parts(trainer, pl_module)
+        check_checkpoint_matches(checkpoint, pl_module, fingerprint, self.config, parts)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -135,13 +161,14 @@ class LoRA(Callback):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint[CHECKPOINT_KEY] = {
             "fingerprint": self.fingerprint(trainer, pl_module),
+            "base": self.fingerprint_parts(trainer, pl_module),
             "lora": self.config.to_dict(),
             "trainable_keys": sorted(trainable),
         }
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        check_checkpoint_matches(checkpoint, pl_module, self.fingerprint(trainer, pl_module), self.config)
+        self._check(trainer, pl_module, checkpoint)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -164,8 +191,27 @@ class LoRA(Callback):
         rank_zero_info(f"LoRA: PEFT adapter written to {path}")
 
 
-def check_checkpoint_matches(checkpoint: dict, pl_module: nn.Module, fingerprint: str, config: LoRAConfig) -> None:
+def _quantization(trainer: pl.Trainer | None) -> dict[str, Any] | None:
+    state = trainer.precision_plugin.state_dict() if trainer is not None else {}
+    return state.get("quantization")
+
+
+def check_checkpoint_matches(
+    checkpoint: dict,
+    pl_module: nn.Module,
+    fingerprint: str,
+    config: LoRAConfig,
+    parts: dict[str, Any] | None = None,
+) -> None:
     """Refuse a checkpoint written for another base model or adapter shape.
+
+    Args:
+        checkpoint: the loaded Lightning checkpoint.
+        pl_module: the module it is being loaded into.
+        fingerprint: :func:`~lightning_qlora.fingerprint.base_fingerprint` of the module's base.
+        config: the LoRA settings of this run.
+        parts: :func:`~lightning_qlora.fingerprint.fingerprint_parts` of the module's base; when given (and the
+            checkpoint has them too) the error names what differs: quantization, architecture or weights.
 
     Raises:
         ValueError: naming the mismatch and what to do.
@@ -173,7 +219,14 @@ def check_checkpoint_matches(checkpoint: dict, pl_module: nn.Module, fingerprint
     meta = checkpoint.get(CHECKPOINT_KEY)
     if meta is None:
         return  # a plain Lightning checkpoint: strict shape checks already ran when it was loaded
-    if meta["fingerprint"] != fingerprint:
+    if parts is not None and meta.get("base") is not None:
+        cause = describe_mismatch(meta["base"], parts)
+        if cause is not None:
+            raise ValueError(
+                f"checkpoint does not belong to this base model: {cause}; resume with the same base model and "
+                "NF4Precision settings as the run that wrote it"
+            )
+    elif meta["fingerprint"] != fingerprint:
         raise ValueError(
             f"checkpoint was written for a different base model (fingerprint {meta['fingerprint']}, this model is "
             f"{fingerprint}); resume with the same base model and quantization settings"

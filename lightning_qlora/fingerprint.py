@@ -3,6 +3,9 @@
 It hashes the architecture (every base parameter's name and logical shape), the quantization settings, and a sample
 of the values of the parameters that are never quantized (embeddings, norms), rounded to bf16 so the same base
 loaded in fp32 or bf16 gives the same fingerprint before and after 4-bit conversion.
+
+:func:`fingerprint_parts` keeps the three parts apart (and one digest per frozen full-precision tensor: embeddings,
+norms, biases, unquantized heads), so a mismatch can be named and tensors that are not loaded yet can be left out.
 """
 
 from __future__ import annotations
@@ -19,11 +22,20 @@ from lightning_qlora.quantization import is_4bit_linear
 _SAMPLE = 4096
 
 
+def _holds_4bit_weight(module: nn.Module) -> bool:
+    # a 4-bit layer, or an empty quantize-on-load shell; not a shell that loaded a full-precision (e.g. tied) weight
+    if not is_4bit_linear(module):
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module.weight, bnb.nn.Params4bit) or module.weight.device.type == "meta"
+
+
 def _logical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
-    four_bit = {f"{n}.weight" for n, m in model.named_modules() if is_4bit_linear(m)}
+    four_bit = {f"{n}.weight" for n, m in model.named_modules() if _holds_4bit_weight(m)}
     for name, module in model.named_modules():
-        if is_4bit_linear(module):
+        if _holds_4bit_weight(module):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
     for name, param in model.named_parameters():
         if name not in four_bit and not is_lora_parameter(name):
@@ -47,3 +59,66 @@ def base_fingerprint(model: nn.Module, quantization: dict[str, Any] | None = Non
                 digest.update(name.encode())
                 digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _value_digest(tensor: torch.Tensor) -> str:
+    flat = tensor.detach().reshape(-1)
+    stride = max(1, flat.numel() // _SAMPLE)
+    sample = flat[::stride][:_SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
+def frozen_value_digests(model: nn.Module) -> dict[str, str]:
+    """One digest per frozen full-precision base tensor that holds values (embeddings, norms, biases, heads).
+
+    Trainable tensors, adapters, 4-bit weights and tensors still on the meta device are left out.
+    """
+    import bitsandbytes as bnb
+
+    out: dict[str, str] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad or is_lora_parameter(name) or isinstance(param, bnb.nn.Params4bit):
+            continue
+        if param.device.type == "meta" or not param.is_floating_point():
+            continue
+        out[name.replace(".base_layer.", ".")] = _value_digest(param)
+    return out
+
+
+def fingerprint_parts(model: nn.Module, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The base model's identity in parts: ``architecture`` (name -> logical shape), ``quantization``, ``values``."""
+    return {
+        "architecture": {name: list(shape) for name, shape in sorted(_logical_shapes(model).items())},
+        "quantization": dict(quantization) if quantization else None,
+        "values": frozen_value_digests(model),
+    }
+
+
+def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why two :func:`fingerprint_parts` differ (one line), or ``None`` when they match.
+
+    Value digests are compared only for tensors present (and loaded) on both sides.
+    """
+    if saved.get("quantization") != current.get("quantization"):
+        return (
+            f"it was trained with quantization {saved.get('quantization') or 'none (full precision)'} but this run "
+            f"uses {current.get('quantization') or 'none (full precision)'}"
+        )
+    old, new = saved.get("architecture", {}), current.get("architecture", {})
+    if old != new:
+        changed = [k for k in old if k in new and list(old[k]) != list(new[k])]
+        if changed:
+            key = changed[0]
+            return (
+                f"it was written for a different architecture ({len(changed)} tensors differ in shape, e.g. {key} "
+                f"is {tuple(old[key])} there and {tuple(new[key])} here)"
+            )
+        missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        detail = f"{len(missing)} tensors missing here, e.g. {missing[0]}" if missing else ""
+        detail = detail or f"{len(extra)} tensors it does not have, e.g. {extra[0]}"
+        return f"it was written for a different architecture ({detail})"
+    old_values, new_values = saved.get("values", {}), current.get("values", {})
+    differ = [k for k in old_values if k in new_values and old_values[k] != new_values[k]]
+    if differ:
+        return f"it was written for a base model with other weights ({len(differ)} tensors differ, e.g. {differ[0]})"
+    return None

@@ -188,6 +188,9 @@ def finalize_deferred(model: nn.Module) -> list[str]:
                 shell.in_features, shell.out_features, bias=shell.bias is not None, device=shell.target_device
             )
             if shell.keep_full_precision:
+                fresh.weight.requires_grad_(shell.weight.requires_grad)  # frozen unless e.g. LoRA's trainable_modules
+                if shell.bias is not None:
+                    fresh.bias.requires_grad_(shell.bias.requires_grad)
                 _replace(model, name, fresh)
                 continue
             shell.weight = make_params4bit(fresh.weight.data, shell.quantization_config, shell.target_device)
@@ -229,6 +232,7 @@ def load_safetensors(
     expected = set(model.state_dict().keys())
     module_names = {n for n, _ in model.named_modules()}
     loaded: set[str] = set()
+    replaced: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new), to keep tied weights tied
     for file in files:
         path = Path(file)
         if not path.is_file():
@@ -248,10 +252,19 @@ def load_safetensors(
                 for key in keys:
                     name = key_map.get(key, key) if key_map else key
                     local[name[len(owner) + 1 :] if owner else name] = handle.get_tensor(key)
-                _load_into(module, local, device, dtype, f"{owner}." if owner else "", str(path))
+                _load_into(module, local, device, dtype, f"{owner}." if owner else "", str(path), replaced)
                 loaded.update(f"{owner}.{k}" if owner else k for k in local)
+    _retie(model, replaced)
     empty = {f"{name}.weight" for name, shell in deferred_layers(model) if shell.weight.device.type == "meta"}
     return sorted(k for k in (expected - loaded) | empty if _QUANT_STATE_MARKER not in k)
+
+
+def _retie(model: nn.Module, replaced: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Point every other reference to a replaced parameter (a tied output head) at its replacement."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in replaced and replaced[id(param)][0] is param:
+                module._parameters[name] = replaced[id(param)][1]
 
 
 def _owner(key: str, module_names: set[str]) -> str:
@@ -263,7 +276,15 @@ def _owner(key: str, module_names: set[str]) -> str:
     return ""
 
 
-def _load_into(module: nn.Module, local: dict, device: Any, dtype: Any, prefix: str, source: str) -> None:
+def _load_into(
+    module: nn.Module,
+    local: dict,
+    device: Any,
+    dtype: Any,
+    prefix: str,
+    source: str,
+    replaced: dict[int, tuple[nn.Parameter, nn.Parameter]] | None = None,
+) -> None:
     if _DEFERRED_CLS is not None and isinstance(module, _DEFERRED_CLS):
         errors: list[str] = []
         full = {prefix + k: v for k, v in local.items()}
@@ -284,6 +305,9 @@ def _load_into(module: nn.Module, local: dict, device: Any, dtype: Any, prefix: 
         target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else current.dtype
         value = tensor.to(device=device, dtype=target_dtype)
         if isinstance(current, nn.Parameter):
-            setattr(module, name, nn.Parameter(value, requires_grad=current.requires_grad))
+            new = nn.Parameter(value, requires_grad=current.requires_grad)
+            setattr(module, name, new)
+            if replaced is not None:
+                replaced[id(current)] = (current, new)
         else:
             module._buffers[name] = value

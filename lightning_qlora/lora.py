@@ -204,9 +204,18 @@ def mark_only_lora_trainable(model: nn.Module, trainable_modules: Sequence[str] 
         keep = is_lora_parameter(name) or any(
             _name_matches(prefix, trainable_modules) for prefix in _prefixes(module_name)
         )
+        keep = keep and not _is_packed(param)  # 4-bit codes cannot train; a named layer's bias still can
         param.requires_grad_(keep)
         count += param.numel() if keep else 0
     return count
+
+
+def _is_packed(param: torch.Tensor) -> bool:
+    if not param.is_floating_point():
+        return True
+    import bitsandbytes as bnb
+
+    return isinstance(param, bnb.nn.Params4bit)
 
 
 def _prefixes(name: str) -> list[str]:

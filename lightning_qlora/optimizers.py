@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import warnings
 from typing import Any
 
 import torch
@@ -95,6 +97,7 @@ def convert_optimizer(optimizer: Optimizer, name: str, paged: bool) -> Optimizer
     if isinstance(optimizer, (bnb.optim.optimizer.Optimizer8bit, bnb.optim.optimizer.Optimizer2State)):
         return optimizer
     cls = optimizer_class(matching_name(optimizer, name), paged)
+    _warn_on_changed_math(optimizer, cls)
     groups = trainable_param_groups(optimizer.param_groups)
     first = next(g for g in groups if g["params"])
     defaults = {k: first[k] for k in ("lr", "betas", "eps", "weight_decay") if k in first}
@@ -102,6 +105,21 @@ def convert_optimizer(optimizer: Optimizer, name: str, paged: bool) -> Optimizer
     # keep one param group per original group (schedulers index them), even those left empty
     new.param_groups = [_fill(g, new.defaults) for g in groups]
     return new
+
+
+def _warn_on_changed_math(optimizer: Optimizer, cls: type) -> None:
+    """Warn where the bitsandbytes optimizer computes something else: decoupled weight decay for Adam, no AMSGrad."""
+    groups = optimizer.param_groups
+    if type(optimizer) is torch.optim.Adam and any(
+        g.get("weight_decay", 0) and not g.get("decoupled_weight_decay", False) for g in groups
+    ):
+        warnings.warn(
+            f"torch.optim.Adam's weight_decay is an L2 term added to the gradient, but {cls.__name__} decays the "
+            "weights decoupled (as AdamW does); use torch.optim.AdamW in configure_optimizers to make that explicit",
+            stacklevel=3,
+        )
+    if any(g.get("amsgrad", False) for g in groups):
+        warnings.warn(f"{cls.__name__} has no AMSGrad variant; amsgrad=True is ignored", stacklevel=3)
 
 
 def _fill(group: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +135,22 @@ def retarget_schedulers(lr_scheduler_configs: list, old: Optimizer, new: Optimiz
         if getattr(scheduler, "optimizer", None) is old:
             scheduler.optimizer = new
             new._opt_called = True  # type: ignore[attr-defined]
+            _track_step_calls(new)
+
+
+def _track_step_calls(optimizer: Optimizer) -> None:
+    """Wrap ``optimizer.step`` the way torch's schedulers do, so they do not warn that it was overridden."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def tracked_step(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        return step(*args, **kwargs)
+
+    tracked_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = tracked_step  # type: ignore[method-assign]
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:

@@ -99,6 +99,11 @@ class NF4Precision(Precision):
         return stack
 
     @override
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        """Same as :meth:`module_init_context`: the Trainer's ``init_module()`` only enters this one."""
+        return self.module_init_context()
+
+    @override
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Autocast to the compute dtype on every device type in use, so adapters compute in it too."""
         if not self.autocast:

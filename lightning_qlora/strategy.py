@@ -64,6 +64,20 @@ class PagedOptimizerStrategy(SingleDeviceStrategy):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    @override
+    def connect(self, model: pl.LightningModule) -> None:
+        """Give a module without ``configure_optimizers`` one that builds ``optimizer`` (Lightning needs the hook)."""
+        super().connect(model)
+        current = getattr(model, "configure_optimizers", None)
+        if getattr(current, "_paged_default", False) or not is_overridden("configure_optimizers", model):
+
+            def configure_optimizers() -> torch.optim.Optimizer:
+                params = list(model.parameters())
+                return build_optimizer(self.optimizer_name, params, self.paged, **self.optimizer_kwargs)
+
+            configure_optimizers._paged_default = True  # type: ignore[attr-defined]
+            model.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
     @property
     def paged(self) -> bool:
         """Whether paging is available (CUDA only)."""

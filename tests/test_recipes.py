@@ -1,11 +1,10 @@
 """Every recipe parses, starts with the command that runs it, and instantiates on a tiny stand-in model."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-
-import sys
 
 from lightning_qlora.cli import QLoRACLI, main
 

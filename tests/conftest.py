@@ -134,3 +134,41 @@ class TinyMLP(torch.nn.Module):
 def tiny_mlp():
     torch.manual_seed(0)
     return TinyMLP()
+
+
+class NoLinear(torch.nn.Module):
+    """A model with no linear layer at all (bad input for the plugin and the callback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 64)
+        self.norm = torch.nn.LayerNorm(64)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A tiny Llama in eval mode, shared by a test module."""
+    return build_tiny_llama().eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    """A fixed batch of token ids for the tiny models."""
+    return torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_datasets_cache(tmp_path_factory):
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _skip_env_report(monkeypatch):
+    """lm-eval's `add_env_info` shells out to `pip list` on every run (~1-2 s); not what these tests check."""
+    import lm_eval.evaluator
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)

@@ -22,21 +22,6 @@ CONTEXTS = [
 CONTINUATIONS = [" fox", "the cat", "Paris", " sat on the log", " 0 1 2", "."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_datasets_cache(tmp_path_factory):
-    import datasets
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _skip_env_report(monkeypatch):
-    """lm-eval's `add_env_info` shells out to `pip list` on every run (~1-2 s); not what these tests check."""
-    import lm_eval.evaluator
-
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
 
 
 class Wrapper(torch.nn.Module):

@@ -25,23 +25,6 @@ from lightning_qlora.evaluation import (
 from lightning_qlora.evaluation.tasks import load_demo_mc_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_datasets_cache(tmp_path_factory):
-    import datasets
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _skip_env_report(monkeypatch):
-    """lm-eval's `add_env_info` shells out to `pip list` on every run (~1-2 s); not what these tests check."""
-    import lm_eval.evaluator
-
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
-
-
 def _write_mmlu_copy(root, subjects, readme=True, splits=(("dev", 5), ("test", 2))):
     """cais/mmlu hub-snapshot layout: DIR/README.md (configs) + DIR/<subject>/<split>-00000-of-00001.parquet."""
     import datasets

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit
-from conftest import TinyMLP, build_tiny_llama
+from conftest import NoLinear, TinyMLP, build_tiny_llama
 from torch import nn
 
 from lightning_qlora import LoRA
@@ -228,13 +228,6 @@ def test_target_that_matches_nothing_is_a_one_line_error():
     assert "available: model.layers.0.self_attn.q_proj" in message
     with pytest.raises(ValueError, match="exclude_modules=.*matches no linear layer"):
         inject_lora(copy.deepcopy(model), LoRAConfig(r=4, target_modules=["q_proj"], exclude_modules=["q_proj"]))
-
-
-class NoLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(10, 64)
-        self.norm = nn.LayerNorm(64)
 
 
 def test_model_without_linear_layers_is_a_one_line_error():

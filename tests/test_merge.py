@@ -19,14 +19,6 @@ from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, 
 QCONFIG = QuantizationConfig(compute_dtype=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def base():
-    return build_tiny_llama().eval()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
 def lora_model(base, quantize=False, config=None, seed=1):

@@ -24,14 +24,6 @@ QCONFIG = QuantizationConfig(compute_dtype=torch.float32)
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module")
-def base():
-    return build_tiny_llama().eval()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
 def randomize_b(model, seed=1, std=0.05):

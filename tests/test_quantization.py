@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-from conftest import TinyMLP, build_tiny_llama
+from conftest import NoLinear, TinyMLP, build_tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -214,13 +214,6 @@ def test_quantize_model_is_idempotent():
     assert quantize_model(model) == []
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-
-class NoLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(10, 64)
-        self.norm = nn.LayerNorm(64)
 
 
 def test_model_without_linear_layers_is_a_one_line_error():

@@ -1,0 +1,96 @@
+"""bench/qlora_vs_hf.py: both stacks run the same workload, and agree on the loss before any update."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "qlora_vs_hf.py"
+ANCHOR = "anchor (HF+peft+bnb)"
+OURS = "ours (lightning_qlora)"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("qlora_vs_hf", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qlora_vs_hf"] = module  # dataclasses look their module up while the file is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path):
+    # weights drawn wider than HF's init so the logits are far from uniform and the loss depends on the weights
+    rows = bench.run_bench(
+        preset="micro", device="cpu", isolate=False, init_std=0.08, workdir=tmp_path, log=lambda s: None
+    )
+    by_stack = {r.stack: r for r in rows}
+    assert set(by_stack) == {ANCHOR, OURS}
+    for row in rows:
+        assert row.workload == "micro 1x64"
+        assert (row.batch_size, row.seq_len, row.steps, row.warmup) == (1, 64, 3, 2)
+        assert len(row.step_times_ms) == 3 and len(row.losses) == 3
+        assert math.isfinite(row.tok_s) and row.tok_s > 0
+        assert math.isfinite(row.step_ms) and row.step_ms > 0
+        assert row.peak_gib > 0 and row.peak_kind == "process peak RSS"
+        assert row.mfu is None  # no --peak-tflops on CPU
+        # gradient checkpointing really recomputes: the first block's MLP is entered twice per step, in train mode
+        assert row.gc_forward_calls == [2, 2, 2], row.gc_forward_calls
+        assert row.train_mode and row.extra["gradient_checkpointing"]
+        assert row.extra["trainable_params"] == by_stack[ANCHOR].extra["trainable_params"]
+    ours, anchor = by_stack[OURS], by_stack[ANCHOR]
+    assert ours.optimizer == anchor.optimizer == "AdamW32bit"  # the unpaged fallback on CPU, on both sides
+    assert math.isfinite(ours.ratio_tok_s) and ours.ratio_tok_s > 0
+    assert math.isfinite(ours.ratio_peak) and ours.ratio_peak > 0
+
+    # Step 1 runs before any update and B starts at zero, so both losses are the NF4+DQ base model's loss on the
+    # same batch. The bits are identical (see below); what differs is peft's prepare_model_for_kbit_training
+    # upcasting the anchor's embeddings/norms/head to fp32 (bf16 residual stream in ours): bf16-level differences.
+    assert ours.first_loss == pytest.approx(anchor.first_loss, rel=2**-8)
+    assert 4.0 < ours.first_loss < 12.0
+
+    table = bench.format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU |")
+    assert any(line.startswith(f"| micro 1x64 | {ANCHOR} |") for line in lines)
+    ours_line = next(line for line in lines if line.startswith(f"| micro 1x64 | {OURS} |"))
+    assert f"{ours.ratio_tok_s:.2f}×" in ours_line
+
+
+def test_quantized_bits_match_hf_bitsandbytes_loading(bench, tmp_path):
+    """Our quantize-on-load path stores exactly the codes and constants HF's BitsAndBytesConfig path does."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from lightning_qlora.hub import load_causal_lm
+    from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, is_4bit_linear
+
+    arch = dict(bench.PRESETS["micro"]["arch"])
+    bench.build_model_dir(arch, tmp_path / "m", "cpu", init_std=0.08)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    hf = LlamaForCausalLM.from_pretrained(
+        tmp_path / "m", dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=quant
+    )
+    ours = load_causal_lm(tmp_path / "m", quantization=QuantizationConfig(), device="cpu", dtype=torch.bfloat16)
+    hf_layers = {n: m for n, m in hf.named_modules() if is_4bit_linear(m)}
+    our_layers = {n: m for n, m in ours.named_modules() if is_4bit_linear(m)}
+    assert sorted(hf_layers) == sorted(our_layers) and len(our_layers) == 7 * arch["num_hidden_layers"]
+    for name, layer in our_layers.items():
+        assert torch.equal(layer.weight.data, hf_layers[name].weight.data), name
+        assert torch.equal(dequantize_weight(layer), dequantize_weight(hf_layers[name])), name
+    hf.train()
+    ours.train()
+    ids = torch.randint(0, arch["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = hf(input_ids=ids, labels=ids).loss
+        got = ours(input_ids=ids, labels=ids).loss
+    assert torch.equal(got, expected)  # same bits, same bf16 residual stream (no fp32 upcast here): same loss

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_qlora.atomic import fsync_path
 from lightning_qlora.loading import deferred_4bit_linears, finalize_deferred, load_safetensors, mark_full_precision
 from lightning_qlora.quantization import QuantizationConfig
 
@@ -117,16 +118,11 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
         state = {k: v.contiguous() for k, v in unique_state_dict(model).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for file in tmp.iterdir():
-            _fsync(file)
+            fsync_path(file)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

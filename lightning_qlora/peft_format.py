@@ -11,22 +11,17 @@ at ``directory``, never a mix or a half-written file.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import math
 import os
 import re
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_qlora.atomic import atomic_directory
 from lightning_qlora.lora import LoRAConfig, LoRALinear, inject_lora, lora_modules
 from lightning_qlora.quantization import is_4bit_linear
 
@@ -43,105 +38,6 @@ _UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "alora_invocation_t
 
 
 # ----------------------------------------------------------------------------------------------- atomic directories
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    if directory and os.name != "posix":
-        return  # folders cannot be opened for fsync on Windows
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # same file system: free, and the old directory keeps its own name for it
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: file system or kernel without exchange
-        return False
-    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool]) -> Iterator[Path]:
-    """Write a directory's files into a temporary sibling, then swap it into place.
-
-    How: the body writes into ``.<name>.tmp-*`` next to ``directory`` (same file system; mode of the old folder, or
-    the umask default). On success: entries of an existing ``directory`` that ``owned`` does not claim (a tokenizer,
-    a README) are hard-linked in (copied across file systems); every file and folder is fsynced; the two folders are
-    exchanged by one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), or where that is unavailable the old folder is
-    renamed aside to ``.<name>.old-*`` and the new one renamed into place (a crash between those two renames leaves
-    ``directory`` missing with both complete copies beside it); the parent is fsynced and the old copy deleted. If
-    the body raises, the temporary folder is removed and ``directory`` is untouched.
-
-    Args:
-        directory: the folder to create or replace.
-        owned: ``owned(name)`` is True for file names the body (re)writes; those are not carried over.
-
-    Yields:
-        The empty temporary folder to write into.
-
-    Raises:
-        ValueError: if ``directory`` exists and is not a folder.
-    """
-    target = Path(directory).expanduser().resolve()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a directory; pass a folder path to write into")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~umask)  # mkdtemp gives 0700
-        yield tmp
-        if target.is_dir():
-            for entry in target.iterdir():
-                if owned(entry.name) or (tmp / entry.name).exists():
-                    continue
-                if entry.is_symlink():
-                    os.symlink(os.readlink(entry), tmp / entry.name)
-                elif entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(str(entry), str(tmp / entry.name))
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                if not os.path.islink(os.path.join(root, name)):
-                    _fsync_path(Path(root, name))
-            _fsync_path(Path(root), directory=True)
-        if not target.exists():
-            os.rename(tmp, target)
-        elif not _exchange(tmp, target):  # tmp now holds the old copy when the exchange worked
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old)  # replaces the empty placeholder folder
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            tmp = old
-        _fsync_path(target.parent, directory=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------------- export
 def _peft_matches(key: str, targets: list[str] | str) -> bool:
     """PEFT's ``check_target_module_exists`` for a list (exact or ``.suffix``) or a regex (full match)."""
     if isinstance(targets, str):

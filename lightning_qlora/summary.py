@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.footprint import measure_footprint
 
 
@@ -76,13 +76,7 @@ class RunSummary(Callback):
     def _write(self, path: Path, history: list) -> None:
         """Write the table and the held-out loss history as JSON (temp file + fsync + rename)."""
         payload = {"rows": self.rows, "val_history": [{"step": s, "val_loss": v} for s, v in history]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(payload, indent=2))
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
         """The summary as ordered label -> value strings."""

@@ -13,7 +13,7 @@ import torch
 from conftest import build_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from lightning_qlora import peft_format
+from lightning_qlora import atomic
 from lightning_qlora.lora import LoRAConfig, LoRALinear, inject_lora, lora_modules
 from lightning_qlora.peft_format import export_peft, import_peft
 from lightning_qlora.quantization import QuantizationConfig, guard_cpu_repack, quantize_model
@@ -205,7 +205,7 @@ def test_export_replaces_existing_adapter_atomically(base, tmp_path, monkeypatch
 
     for exchange in (True, False):  # renameat2(RENAME_EXCHANGE), then the rename-aside fallback
         if not exchange:
-            monkeypatch.setattr(peft_format, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
         export_peft(second if exchange else first, out, config)
         expected = (second if exchange else first).model.layers[0].self_attn.q_proj.lora_B
         assert torch.equal(load_file(out / "adapter_model.safetensors")[key], expected)

@@ -6,11 +6,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.evaluation.tasks import EvaluationError, build_task_manager, load_tasks
 
 log = logging.getLogger(__name__)
@@ -127,28 +127,6 @@ def flatten_metrics(results: dict, prefix: str = "lm_eval") -> dict[str, float]:
     return out
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (best effort; not supported everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def write_results_json(results: dict, path: str | os.PathLike) -> Path:
     """Write lm-eval results atomically (temp file in the same folder, fsync, `os.replace`); returns the path.
 
@@ -163,8 +141,8 @@ def write_results_json(results: dict, path: str | os.PathLike) -> Path:
     samples_text = None
     if results.get("samples"):
         samples_text = json.dumps(results["samples"], default=handle_non_serializable, ensure_ascii=False)
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     if samples_text is not None:
-        _atomic_write(path.with_name(f"{path.stem}_samples.json"), samples_text)
+        atomic_write_text(path.with_name(f"{path.stem}_samples.json"), samples_text)
     log.info("lm-eval results written to %s", path)
     return path

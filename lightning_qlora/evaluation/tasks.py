@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from lightning_qlora.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 DEMO_TASK = "qlora_demo_mc"
@@ -129,15 +131,8 @@ def _check_mmlu_dir(mmlu_path: str | os.PathLike, needed: set[str]) -> tuple[Pat
 
 def _atomic_write_text(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return  # already there: keep its mtime so lm-eval's task cache stays valid
+    atomic_write_text(path, text)
 
 
 def write_mmlu_include(mmlu_path: str | os.PathLike, needed: Iterable[str] | None = None) -> Path:

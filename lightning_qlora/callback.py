@@ -250,7 +250,10 @@ def check_checkpoint_matches(
 def enable_gradient_checkpointing(root: nn.Module) -> str:
     """Turn on activation checkpointing for ``root``; returns how (``"transformers"`` or ``"blocks"``)."""
     if hasattr(root, "gradient_checkpointing_enable") and getattr(root, "supports_gradient_checkpointing", False):
-        root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(root, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
+            root.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         root.train()
         return "transformers"
     blocks = max((m for m in root.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)

@@ -191,7 +191,7 @@ def finalize_deferred(model: nn.Module) -> list[str]:
                 fresh.weight.requires_grad_(shell.weight.requires_grad)  # frozen unless e.g. LoRA's trainable_modules
                 if shell.bias is not None:
                     fresh.bias.requires_grad_(shell.bias.requires_grad)
-                _replace(model, name, fresh)
+                model.set_submodule(name, fresh)
                 continue
             shell.weight = make_params4bit(fresh.weight.data, shell.quantization_config, shell.target_device)
             shell.weight.module = shell
@@ -203,13 +203,8 @@ def finalize_deferred(model: nn.Module) -> list[str]:
             plain.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
             if shell.bias is not None:
                 plain.bias = shell.bias
-            _replace(model, name, plain)
+            model.set_submodule(name, plain)
     return empty
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def load_safetensors(

@@ -177,10 +177,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     names = find_lora_targets(model, config)
     dtype = to_dtype(config.dtype)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, dtype))
+        base = model.get_submodule(name)
+        model.set_submodule(name, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, dtype))
     return names
 
 

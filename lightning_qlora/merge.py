@@ -87,11 +87,6 @@ def _quantization_like(layer: nn.Module) -> QuantizationConfig:
     )
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def merge_lora(
     model: nn.Module,
     target: Literal["bf16", "nf4"] = "bf16",
@@ -133,7 +128,7 @@ def merge_lora(
         report.layers.append(MergedLayer(name, (layer.out_features, layer.in_features), error, delta))
         if target == "nf4":
             report.dtype = merged.weight.quant_state.quant_type  # "nf4", or "fp4" when asked for explicitly
-        _set_submodule(model, name, merged)
+        model.set_submodule(name, merged)
     return report
 
 

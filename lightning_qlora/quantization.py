@@ -169,12 +169,6 @@ def linear_to_4bit(linear: nn.Linear, config: QuantizationConfig, device: torch.
     return q
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def quantizable_linears(model: nn.Module, config: QuantizationConfig) -> list[str]:
     """Names of the plain ``nn.Linear`` layers that :func:`quantize_model` would replace."""
     tied = tied_linear_names(model) if config.skip_tied else set()
@@ -223,7 +217,7 @@ def quantize_model(
         target = device if device is not None else default_quantization_device(linear.weight)
         if linear.weight.device.type == "meta":
             linear = _materialize_linear(linear, target)
-        _set_submodule(model, name, linear_to_4bit(linear, config, target))
+        model.set_submodule(name, linear_to_4bit(linear, config, target))
     for module in model.modules():
         if is_4bit_linear(module):
             ensure_canonical_packing(module)

@@ -6,6 +6,7 @@ Every source ends up as a local transformers directory (``config.json`` + safete
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.atomic import fsync_path
+from lightning_qlora.dtypes import default_dtype
 from lightning_qlora.loading import deferred_4bit_linears, finalize_deferred, load_safetensors, mark_full_precision
 from lightning_qlora.quantization import QuantizationConfig
 
@@ -181,13 +183,9 @@ def load_causal_lm(
     if attn_implementation:
         config._attn_implementation = attn_implementation
     files = safetensors_files(model_dir)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), deferred_4bit_linears(quantization) if quantization else _null():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    finally:
-        torch.set_default_dtype(previous)
+    shells = deferred_4bit_linears(quantization) if quantization else contextlib.nullcontext()
+    with default_dtype(dtype), torch.device(device), shells:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     if quantization:
         mark_full_precision(model, quantization.skip_modules)
         if getattr(config, "tie_word_embeddings", False):
@@ -207,11 +205,3 @@ def load_causal_lm(
     finalize_deferred(model)
     model.train()
     return model
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

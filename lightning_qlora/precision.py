@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Generator
 from typing import Any, Literal
 
 import torch
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.dtypes import DTypeLike, to_dtype
+from lightning_qlora.dtypes import DTypeLike, default_dtype, to_dtype
 from lightning_qlora.footprint import Footprint, measure_footprint
 from lightning_qlora.loading import deferred_4bit_linears, finalize_deferred, mark_full_precision
 from lightning_qlora.quantization import DEFAULT_SKIP_MODULES, QuantizationConfig, guard_cpu_repack, quantize_model
@@ -94,7 +93,7 @@ class NF4Precision(Precision):
     def module_init_context(self) -> contextlib.AbstractContextManager:
         """Build linear layers as empty 4-bit shells (quantized as weights are loaded) and the rest in compute dtype."""
         stack = contextlib.ExitStack()
-        stack.enter_context(_default_dtype(self.config.compute_dtype))
+        stack.enter_context(default_dtype(self.config.compute_dtype))
         stack.enter_context(deferred_4bit_linears(self.config))
         return stack
 
@@ -128,13 +127,3 @@ class NF4Precision(Precision):
                 f"checkpoint was trained with quantization {saved} but NF4Precision is configured as "
                 f"{self.config.describe()}; use the same plugin settings to resume"
             )
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_qlora.dtypes import DTypeLike, to_dtype
+from lightning_qlora.dtypes import DTypeLike, default_dtype, to_dtype
 
 DEFAULT_SKIP_MODULES: tuple[str, ...] = ("lm_head", "output", "embed_out", "score", "classifier")
 
@@ -100,12 +100,8 @@ def make_params4bit(data: torch.Tensor, config: QuantizationConfig, device: torc
         quant_type=config.quant_type,
         quant_storage=config.quant_storage,
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # bitsandbytes builds its code tables in the default dtype
-    try:
+    with default_dtype(torch.float32):  # bitsandbytes builds its code tables in the default dtype
         weight = weight._quantize(torch.device(device))
-    finally:
-        torch.set_default_dtype(previous)
     share_code_tables(weight.quant_state)
     return weight
 

@@ -132,10 +132,6 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_4bit_linear(module)
 
 
-def _name_matches(name: str, patterns: Sequence[str]) -> bool:
-    return is_skipped(name, patterns)
-
-
 def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Names of the linear layers ``config`` puts adapters on.
 
@@ -149,12 +145,12 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     target = config.target_modules
     if target == "all-linear":
         tied = tied_linear_names(model)
-        chosen = [n for n in linears if not _name_matches(n, config.head_modules) and n not in tied]
+        chosen = [n for n in linears if not is_skipped(n, config.head_modules) and n not in tied]
     elif isinstance(target, str):
         chosen = [n for n in linears if re.fullmatch(target, n)]
     else:
-        chosen = [n for n in linears if _name_matches(n, list(target))]
-    chosen = [n for n in chosen if not _name_matches(n, config.exclude_modules)]
+        chosen = [n for n in linears if is_skipped(n, list(target))]
+    chosen = [n for n in chosen if not is_skipped(n, config.exclude_modules)]
     already = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not chosen and not already:
         sample = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
@@ -200,7 +196,7 @@ def mark_only_lora_trainable(model: nn.Module, trainable_modules: Sequence[str] 
     for name, param in model.named_parameters():
         module_name = name.rpartition(".")[0]
         keep = is_lora_parameter(name) or any(
-            _name_matches(prefix, trainable_modules) for prefix in _prefixes(module_name)
+            is_skipped(prefix, trainable_modules) for prefix in _prefixes(module_name)
         )
         keep = keep and not _is_packed(param)  # 4-bit codes cannot train; a named layer's bias still can
         param.requires_grad_(keep)

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_qlora.dtypes import DTypeLike, default_dtype, to_dtype
 from lightning_qlora.footprint import Footprint, measure_footprint
 from lightning_qlora.loading import deferred_4bit_linears, finalize_deferred, mark_full_precision
-from lightning_qlora.quantization import DEFAULT_SKIP_MODULES, QuantizationConfig, guard_cpu_repack, quantize_model
+from lightning_qlora.quantization import DEFAULT_SKIP_MODULES, QuantizationConfig, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class NF4Precision(Precision):
         """Quantize ``module``'s linear layers in place (idempotent) and record the footprint."""
         mark_full_precision(module, self.config.skip_modules)
         finalize_deferred(module)
-        self.quantized_names += quantize_model(module, self.config, self.device)
-        guard_cpu_repack(module)
+        self.quantized_names += quantize_model(module, self.config, self.device)  # ends with guard_cpu_repack
         self.footprint = measure_footprint(module)
         rank_zero_info(f"NF4Precision: {self.footprint.summary()}")
         return module

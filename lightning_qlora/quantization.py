@@ -211,12 +211,10 @@ def quantize_model(
     for name in names:
         linear = model.get_submodule(name)
         target = device if device is not None else default_quantization_device(linear.weight)
-        if linear.weight.device.type == "meta":
-            linear = _materialize_linear(linear, target)
+        if linear.weight.device.type == "meta":  # nothing was loaded into it: initialise like nn.Linear does
+            linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=target)
         model.set_submodule(name, linear_to_4bit(linear, config, target))
-    for module in model.modules():
-        if is_4bit_linear(module):
-            ensure_canonical_packing(module)
+    guard_cpu_repack(model)  # also 4-bit layers that were already there (e.g. bitsandbytes' own Linear4bit)
     return names
 
 
@@ -227,12 +225,6 @@ def default_quantization_device(weight: torch.Tensor) -> torch.device:
     if weight.device.type == "meta":
         return torch.device("cpu")
     return weight.device
-
-
-def _materialize_linear(linear: nn.Linear, device: torch.device | str) -> nn.Linear:
-    """A meta-device linear that nothing loaded into: initialise it like ``nn.Linear`` does, on ``device``."""
-    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=device)
-    return out
 
 
 def dequantize_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_qlora.fingerprint import base_fingerprint, describe_mismatch, fingerprint_parts
+from lightning_qlora.fingerprint import describe_mismatch, fingerprint_digest, fingerprint_parts
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class LoRA(Callback):
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.export_dir = export_dir
         self.injected: list[str] = []
+        self._checked: dict | None = None  # the checkpoint dict last checked against this base
         self.trainable_params = 0
 
     # ----------------------------------------------------------------- injection
@@ -144,24 +145,28 @@ class LoRA(Callback):
     # ---------------------------------------------------------------- checkpoints
     def fingerprint(self, trainer: pl.Trainer, pl_module: nn.Module) -> str:
         """The base-model fingerprint for ``pl_module`` under this trainer's precision plugin."""
-        return base_fingerprint(model_root(pl_module), _quantization(trainer))
+        return fingerprint_digest(self.fingerprint_parts(trainer, pl_module))
 
     def fingerprint_parts(self, trainer: pl.Trainer, pl_module: nn.Module) -> dict[str, Any]:
         """Architecture, quantization settings and value digests of ``pl_module``'s frozen base."""
         return fingerprint_parts(model_root(pl_module), _quantization(trainer))
 
     def _check(self, trainer: pl.Trainer | None, pl_module: nn.Module, checkpoint: dict) -> None:
-        fingerprint, parts = self.fingerprint(trainer, pl_module), self.fingerprint_parts(trainer, pl_module)
-        check_checkpoint_matches(checkpoint, pl_module, fingerprint, self.config, parts)
+        if self._checked is checkpoint:  # already checked by the module hook, before its state was loaded
+            return
+        parts = self.fingerprint_parts(trainer, pl_module)
+        check_checkpoint_matches(checkpoint, pl_module, fingerprint_digest(parts), self.config, parts)
+        self._checked = checkpoint
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
         if self.adapter_only_checkpoints:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        parts = self.fingerprint_parts(trainer, pl_module)
         checkpoint[CHECKPOINT_KEY] = {
-            "fingerprint": self.fingerprint(trainer, pl_module),
-            "base": self.fingerprint_parts(trainer, pl_module),
+            "fingerprint": fingerprint_digest(parts),
+            "base": parts,
             "lora": self.config.to_dict(),
             "trainable_keys": sorted(trainable),
         }

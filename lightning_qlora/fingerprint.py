@@ -1,16 +1,16 @@
 """A fingerprint of the frozen base model, stored in checkpoints so adapters are never resumed onto another base.
 
-It hashes the architecture (every base parameter's name and logical shape), the quantization settings, and a sample
-of the values of the parameters that are never quantized (embeddings, norms), rounded to bf16 so the same base
-loaded in fp32 or bf16 gives the same fingerprint before and after 4-bit conversion.
-
-:func:`fingerprint_parts` keeps the three parts apart (and one digest per frozen full-precision tensor: embeddings,
-norms, biases, unquantized heads), so a mismatch can be named and tensors that are not loaded yet can be left out.
+:func:`fingerprint_parts` describes the base in three parts: the architecture (every base parameter's name and
+logical shape), the quantization settings, and one digest per frozen full-precision tensor (embeddings, norms,
+biases, unquantized heads) over a sample of its values rounded to bf16, so the same base loaded in fp32 or bf16
+matches before and after 4-bit conversion. Keeping the parts apart lets a mismatch be named and tensors that are not
+loaded yet be left out; :func:`fingerprint_digest` is the short hex digest of the parts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import torch
@@ -33,32 +33,13 @@ def _holds_4bit_weight(module: nn.Module) -> bool:
 
 def _logical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
-    four_bit = {f"{n}.weight" for n, m in model.named_modules() if _holds_4bit_weight(m)}
-    for name, module in model.named_modules():
-        if _holds_4bit_weight(module):
-            shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+    four_bit = {f"{n}.weight": m for n, m in model.named_modules() if _holds_4bit_weight(m)}
+    for name, module in four_bit.items():
+        shapes[name] = (module.out_features, module.in_features)
     for name, param in model.named_parameters():
         if name not in four_bit and not is_lora_parameter(name):
-            shapes[name.replace(".base_layer.", ".")] = tuple(param.shape)
+            shapes[name] = tuple(param.shape)
     return {k.replace(".base_layer.", "."): v for k, v in shapes.items()}
-
-
-def base_fingerprint(model: nn.Module, quantization: dict[str, Any] | None = None) -> str:
-    """A short hex digest identifying ``model``'s frozen base and its quantization settings."""
-    digest = hashlib.sha256()
-    for name, shape in sorted(_logical_shapes(model).items()):
-        digest.update(f"{name}:{shape};".encode())
-    digest.update(repr(sorted((quantization or {}).items())).encode())
-    for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
-        if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-                flat = weight.detach().reshape(-1)
-                stride = max(1, flat.numel() // _SAMPLE)
-                sample = flat[::stride][:_SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
-                digest.update(name.encode())
-                digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _value_digest(tensor: torch.Tensor) -> str:
@@ -92,6 +73,16 @@ def fingerprint_parts(model: nn.Module, quantization: dict[str, Any] | None = No
         "quantization": dict(quantization) if quantization else None,
         "values": frozen_value_digests(model),
     }
+
+
+def fingerprint_digest(parts: dict[str, Any]) -> str:
+    """A short hex digest of :func:`fingerprint_parts` (stored beside them in checkpoints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_fingerprint(model: nn.Module, quantization: dict[str, Any] | None = None) -> str:
+    """A short hex digest identifying ``model``'s frozen base and its quantization settings."""
+    return fingerprint_digest(fingerprint_parts(model, quantization))
 
 
 def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:

@@ -80,8 +80,7 @@ def build_optimizer(name: str, params: Any, paged: bool, **hyperparameters: Any)
     """Instantiate the bitsandbytes optimizer ``name`` over ``params`` (tensors or param-group dicts)."""
     cls = optimizer_class(name, paged)
     if params and isinstance(params[0], dict):
-        groups = trainable_param_groups(params)
-        groups = [g for g in groups if g["params"]] if not hyperparameters.pop("keep_empty_groups", False) else groups
+        groups = [g for g in trainable_param_groups(params) if g["params"]]
     else:
         groups = trainable_param_groups([{"params": list(params)}])
     return cls(groups, **hyperparameters)

@@ -94,19 +94,13 @@ class PagedOptimizerStrategy(SingleDeviceStrategy):
                 stacklevel=2,
             )
             self._warned_cpu = True
-        if not is_overridden("configure_optimizers", module):
-            self.optimizers = [
-                build_optimizer(self.optimizer_name, list(module.parameters()), self.paged, **self.optimizer_kwargs)
-            ]
-            self.lr_scheduler_configs = []
-        else:
-            super().setup_optimizers(trainer)
-            converted = []
-            for optimizer in self.optimizers:
-                new = convert_optimizer(optimizer, self.optimizer_name, self.paged)
-                retarget_schedulers(self.lr_scheduler_configs, optimizer, new)
-                converted.append(new)
-            self.optimizers = converted
+        super().setup_optimizers(trainer)  # a module without configure_optimizers got one in `connect`
+        converted = []
+        for optimizer in self.optimizers:
+            new = convert_optimizer(optimizer, self.optimizer_name, self.paged)  # bitsandbytes ones pass through
+            retarget_schedulers(self.lr_scheduler_configs, optimizer, new)
+            converted.append(new)
+        self.optimizers = converted
         names = ", ".join(type(o).__name__ for o in self.optimizers)
         rank_zero_info(f"PagedOptimizerStrategy: {names} over {self.trainable_parameter_count():,} trainable params")
 

@@ -17,9 +17,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from lightning_qlora.prompts import IGNORE_INDEX, DataError, PromptEncoder, detect_format, normalize_row, read_rows
+from lightning_qlora.resume import ResumableDataLoader, trainer_progress
 
 __all__ = ["DataError", "InstructionCollator", "InstructionDataModule", "LengthGroupedSampler", "read_rows"]
 
@@ -72,6 +73,8 @@ class LengthGroupedSampler(Sampler[int]):
 class InstructionCollator:
     """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100, and build the attention mask.
 
+    Examples that carry their dataset position (``index``) also give the batch a ``row_index`` tensor.
+
     Args:
         pad_id: Padding token id.
         pad_to_multiple_of: Round the padded length up to a multiple of this.
@@ -81,7 +84,7 @@ class InstructionCollator:
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate examples into a batch of ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
         width = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
@@ -94,7 +97,10 @@ class InstructionCollator:
             input_ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if all("index" in e for e in examples):  # positions in the dataset, to name rows in error messages
+            batch["row_index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        return batch
 
 
 class InstructionDataModule(LightningDataModule):
@@ -176,8 +182,8 @@ class InstructionDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
-        self.train_dataset: list[dict[str, list[int]]] | None = None
-        self.val_dataset: list[dict[str, list[int]]] | None = None
+        self.train_dataset: list[dict[str, Any]] | None = None
+        self.val_dataset: list[dict[str, Any]] | None = None
         self._tokenizer: Any = None
         self._rows: tuple[list[Any], list[Any]] | None = None
         self._stats: dict[str, int] = {}
@@ -258,7 +264,7 @@ class InstructionDataModule(LightningDataModule):
         """
         return dict(self._stats)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         """Length-grouped (or shuffled) training batches; calls :meth:`setup` if needed."""
         self.setup("fit")
         assert self.train_dataset is not None
@@ -268,20 +274,37 @@ class InstructionDataModule(LightningDataModule):
             kwargs["sampler"] = LengthGroupedSampler(lengths, self.batch_size, self.seed)
         else:
             kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(self.seed))
-        return self._loader(self.train_dataset, **kwargs)
+        loader = self._loader(self.train_dataset, **kwargs)
+        trainer = self.trainer
+        if trainer is not None:  # resumable mid-epoch: Lightning saves and restores the loader's position
+            loader.progress = lambda: trainer_progress(trainer)
+        return loader
 
-    def val_dataloader(self) -> DataLoader:
+    def describe_rows(self, indices: Sequence[int], split: str = "train") -> list[str]:
+        """Name data rows by position in the tokenized ``split`` (e.g. ``data.jsonl line 7``), for error messages.
+
+        Args:
+            indices: positions in the split's dataset (a batch's ``row_index``).
+            split: ``"train"`` or ``"val"``.
+
+        Returns:
+            One ``file line N`` / ``file row N`` string per index.
+        """
+        dataset = self.train_dataset if split == "train" else self.val_dataset
+        return [str(dataset[int(i)].get("where", i)) if dataset is not None else str(i) for i in indices]
+
+    def val_dataloader(self) -> ResumableDataLoader:
         """Validation batches in file order; calls :meth:`setup` if needed."""
         self.setup("validate")
         assert self.val_dataset is not None
         return self._loader(self.val_dataset, shuffle=False)
 
-    def _loader(self, dataset: list[dict[str, list[int]]], **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: list[dict[str, Any]], **kwargs: Any) -> ResumableDataLoader:
         tokenizer = self._tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,  # type: ignore[arg-type]
             batch_size=self.batch_size,
             collate_fn=InstructionCollator(pad_id, self.pad_to_multiple_of),
@@ -331,8 +354,8 @@ class InstructionDataModule(LightningDataModule):
 
     def _tokenize(
         self, encoder: PromptEncoder, rows: list[tuple[list[dict[str, str]], str]], split: str, skipped: list[str]
-    ) -> list[dict[str, list[int]]]:
-        out: list[dict[str, list[int]]] = []
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         tokens = trained = 0
         for start in range(0, len(rows), _CHUNK):
             chunk = rows[start : start + _CHUNK]
@@ -350,7 +373,7 @@ class InstructionDataModule(LightningDataModule):
                 ids, labels = enc.input_ids[: self.max_length], enc.labels[: self.max_length]
                 tokens += len(ids)
                 trained += sum(label != IGNORE_INDEX for label in labels)
-                out.append({"input_ids": ids, "labels": labels})
+                out.append({"input_ids": ids, "labels": labels, "index": len(out), "where": where})
         self._stats["skipped_long_prompt"] = len(skipped)
         self._stats.update({f"{split}_rows": len(out), f"{split}_tokens": tokens, f"{split}_trained_tokens": trained})
         return out

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.atomic import atomic_directory
+from lightning_qlora.guards import check_finite_tensors
 from lightning_qlora.lora import LoRAConfig, LoRALinear, inject_lora, lora_modules
 from lightning_qlora.quantization import is_4bit_linear
 
@@ -96,6 +97,7 @@ def export_peft(
 
     Raises:
         ValueError: if the model has no adapters, or a layer's scaling disagrees with ``config.use_rslora``.
+        NonFiniteError: if an adapter tensor holds NaN/inf (nothing is written).
     """
     layers = dict(lora_modules(model))
     if not layers:
@@ -113,6 +115,7 @@ def export_peft(
         for which in ("A", "B"):
             tensor = getattr(layer, f"lora_{which}").detach().to("cpu").contiguous()
             tensors[f"{PEFT_PREFIX}{name}.lora_{which}.weight"] = tensor
+    check_finite_tensors(tensors, f"the PEFT adapter {directory}")
     counts: dict[tuple[int, float], int] = {}
     for shape in shapes.values():
         counts[shape] = counts.get(shape, 0) + 1

@@ -117,7 +117,9 @@ class Row:
     peak_kind: str
     device_used_gib: float | None
     mfu: float | None
+    """Model FLOPs utilisation, 6·N per token (forward 2N + backward 4N, the usual convention)."""
     mfu_4nt: float | None
+    """4·N per token, as the anchor log printed it."""
     first_loss: float
     losses: list[float]
     step_times_ms: list[float]
@@ -135,6 +137,8 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
     ratio_tok_s: float | None = None
     ratio_peak: float | None = None
+    mfu_8nt: float | None = None
+    """8·N per token: the 6·N step plus the forward that activation checkpointing runs again in backward."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -240,6 +244,7 @@ def summarize(
     peak, kind, used = probe.peak()
     mfu = 6 * w.n_params * tok_s / (peak_tflops * 1e12) if peak_tflops else None
     mfu4 = 4 * w.n_params * tok_s / (peak_tflops * 1e12) if peak_tflops else None
+    mfu8 = 8 * w.n_params * tok_s / (peak_tflops * 1e12) if peak_tflops else None
     return Row(
         workload=w.name,
         stack=stack,
@@ -250,6 +255,7 @@ def summarize(
         device_used_gib=used,
         mfu=mfu,
         mfu_4nt=mfu4,
+        mfu_8nt=mfu8,
         first_loss=losses[0],
         losses=losses,
         step_times_ms=[t * 1e3 for t in times],
@@ -400,6 +406,7 @@ def _step_timer_class() -> type:
             self.train_mode = False
             self.gradient_checkpointing = False
             self.trainable = 0
+            self.fast_path: dict[str, Any] = {}
             self.before_first_step_gib = 0.0
             self._t0 = self._last_end = 0.0
             self._calls0 = 0
@@ -414,6 +421,7 @@ def _step_timer_class() -> type:
                 self.train_mode = pl_module.model.training
                 self.gradient_checkpointing = checkpointing_on(pl_module.model)
                 self.trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+                self.fast_path = fast_path_info(pl_module)
             self._calls0 = self.counter.calls if self.counter else 0
             sync(self.device)
             self._t0 = time.perf_counter()
@@ -436,6 +444,23 @@ def _step_timer_class() -> type:
                 self.counter.remove()
 
     return StepTimer
+
+
+def fast_path_info(pl_module: Any) -> dict[str, Any]:
+    """Which of lightning_qlora's fast paths the run takes: fused LoRA layers and the chunked loss."""
+    from lightning_qlora.lora import lora_modules
+    from lightning_qlora.lora_function import fused_base_weight
+    from lightning_qlora.losses import chunked_loss_unsupported
+
+    layers = [m for _, m in lora_modules(pl_module)]
+    fused = sum(1 for m in layers if m.fused and fused_base_weight(m.base_layer) is not None)
+    chunk = pl_module.hparams.get("loss_chunk_size")
+    reason = chunked_loss_unsupported(pl_module.model) if chunk else "loss_chunk_size=None"
+    return {
+        "lora_layers": len(layers),
+        "fused_lora_layers": fused,
+        "loss": f"chunked ({chunk} tokens)" if reason is None else f"model's own ({reason})",
+    }
 
 
 def run_ours(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
@@ -490,6 +515,7 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
             "before_first_step_gib": timer.before_first_step_gib,
             "trainable_params": timer.trainable,
             "gradient_checkpointing": timer.gradient_checkpointing,
+            "fast_path": timer.fast_path,
             "device_used_before_gib": probe.used_before / GIB if w.device == "cuda" else None,
         },
     )
@@ -739,7 +765,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def format_table(rows: list[Row]) -> str:
     """A markdown table: one line per (workload, stack)."""
     head = (
-        "| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU | tok/s ours/anchor | "
+        "| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU | MFU 8N | tok/s ours/anchor | "
         "peak ours/anchor | step-1 loss |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -747,6 +773,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.workload} | {r.stack} | {r.step_ms:,.1f} | {r.tok_s:,.0f} | {r.peak_gib:.2f} | "
             f"{_fmt(r.device_used_gib, '.2f')} | {_fmt(None if r.mfu is None else r.mfu * 100, '.1f', '%')} | "
+            f"{_fmt(None if r.mfu_8nt is None else r.mfu_8nt * 100, '.1f', '%')} | "
             f"{_fmt(r.ratio_tok_s, '.2f', '×')} | {_fmt(r.ratio_peak, '.2f', '×')} | {r.first_loss:.4f} |"
         )
     return "\n".join(lines)
@@ -807,7 +834,8 @@ def notes(rows: list[Row], device: str, preset: str, peak_tflops: float | None) 
         )
     out.append(
         f"MFU = 6·N·tok/s / {peak_tflops:g} TFLOP/s, N = all parameters of the base model (the anchor log used 4·N·T; "
-        "see mfu_4nt in --json)"
+        "see mfu_4nt in --json); MFU 8N = 8·N·tok/s / peak: the 6·N step plus the forward that gradient "
+        "checkpointing recomputes"
         if peak_tflops
         else "MFU n/a (pass --peak-tflops)"
     )
@@ -823,6 +851,12 @@ def notes(rows: list[Row], device: str, preset: str, peak_tflops: float | None) 
             runs = ", ".join(f"{x:,.1f}" for x in r.extra["repeat_step_ms"])
             out.append(
                 f"{r.workload} {r.stack}: {len(r.extra['repeat_step_ms'])} runs, step ms {runs}; median run shown"
+            )
+        if r.extra.get("fast_path"):
+            fast = r.extra["fast_path"]
+            out.append(
+                f"{r.workload} ours: fused LoRA on {fast['fused_lora_layers']}/{fast['lora_layers']} adapted layers; "
+                f"loss: {fast['loss']}"
             )
         if "loop_step_ms" in r.extra:
             out.append(

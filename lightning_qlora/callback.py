@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
+from lightning_qlora.activation_checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
 from lightning_qlora.fingerprint import describe_mismatch, fingerprint_digest, fingerprint_parts
+from lightning_qlora.guards import check_finite_tensors
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,13 @@ class LoRA(Callback):
         trainable_modules: names of extra modules to keep trainable (e.g. ``["lm_head"]``).
         gradient_checkpointing: recompute block activations in backward (HF models: their own checkpointing,
             really on because the model is put in train mode; other models: each block of the largest ModuleList).
-        adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints.
+        checkpoint_mode: ``"full"`` recomputes whole blocks; ``"selective"`` keeps attention outputs and
+            recomputes the rest (less recompute, slightly more memory).
+        checkpoint_every_n_layers: checkpoint one block in this many (fewer recomputes, more memory).
+        fused: train through the fused LoRA autograd function (saves only ``x`` and ``x·Aᵀ``; see
+            :class:`~lightning_qlora.lora_function.LoRALinearFunction`); False uses the plain composition.
+        adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints (written atomically and loaded
+            with ``weights_only=True``: Lightning's default checkpoint IO is swapped for ``AtomicCheckpointIO``).
         export_dir: if set, write a PEFT adapter (``adapter_config.json`` + safetensors) here at the end of fit.
 
     Raises:
@@ -63,9 +70,15 @@ class LoRA(Callback):
         dtype: str = "float32",
         trainable_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        checkpoint_mode: CheckpointMode = "full",
+        checkpoint_every_n_layers: int = 1,
+        fused: bool = True,
         adapter_only_checkpoints: bool = True,
         export_dir: str | None = None,
     ) -> None:
+        checkpoint_kwargs(checkpoint_mode)  # fail now on a bad mode, not at fit start
+        if checkpoint_every_n_layers < 1:
+            raise ValueError(f"LoRA checkpoint_every_n_layers={checkpoint_every_n_layers} must be >= 1")
         self.config = LoRAConfig(
             r=r,
             alpha=alpha,
@@ -74,9 +87,12 @@ class LoRA(Callback):
             exclude_modules=list(exclude_modules or []),
             use_rslora=use_rslora,
             dtype=dtype,
+            fused=fused,
         )
         self.trainable_modules = list(trainable_modules or [])
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_mode = checkpoint_mode
+        self.checkpoint_every_n_layers = checkpoint_every_n_layers
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.export_dir = export_dir
         self.injected: list[str] = []
@@ -87,6 +103,7 @@ class LoRA(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.strict_loading = False  # adapter-only checkpoints; on_load_checkpoint checks what matters
+        use_atomic_checkpoint_io(trainer)
         if any(isinstance(m, nn.Linear) for m in pl_module.modules()):
             self.apply(pl_module)
         self._check_before_loading(pl_module)
@@ -127,7 +144,7 @@ class LoRA(Callback):
         self.injected += names
         self.trainable_params = mark_only_lora_trainable(pl_module, self.trainable_modules)
         if self.gradient_checkpointing:
-            enable_gradient_checkpointing(model_root(pl_module))
+            enable_gradient_checkpointing(model_root(pl_module), self.checkpoint_mode, self.checkpoint_every_n_layers)
         if names:
             rank_zero_info(f"LoRA: adapters on {len(self.injected)} layers, {self.trainable_params:,} trainable params")
         return names
@@ -149,7 +166,8 @@ class LoRA(Callback):
 
     def fingerprint_parts(self, trainer: pl.Trainer, pl_module: nn.Module) -> dict[str, Any]:
         """Architecture, quantization settings and value digests of ``pl_module``'s frozen base."""
-        return fingerprint_parts(model_root(pl_module), _quantization(trainer))
+        stashed = getattr(pl_module, "_lightning_qlora_base_parts", None)  # set by QLoRAFSDPStrategy before sharding
+        return stashed if stashed is not None else fingerprint_parts(model_root(pl_module), _quantization(trainer))
 
     def _check(self, trainer: pl.Trainer | None, pl_module: nn.Module, checkpoint: dict) -> None:
         if self._checked is checkpoint:  # already checked by the module hook, before its state was loaded
@@ -160,9 +178,12 @@ class LoRA(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        trainable = {unwrapped_name(name) for name, p in pl_module.named_parameters() if p.requires_grad}
         if self.adapter_only_checkpoints:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        check_finite_tensors(
+            {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}, "a checkpoint of the adapters"
+        )
         parts = self.fingerprint_parts(trainer, pl_module)
         checkpoint[CHECKPOINT_KEY] = {
             "fingerprint": fingerprint_digest(parts),
@@ -183,7 +204,9 @@ class LoRA(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir:
-            self._export(pl_module)
+            full = getattr(trainer.strategy, "full_module_context", None)  # sharded strategies gather the adapters
+            with full() if full is not None else contextlib.nullcontext():
+                self._export(pl_module)
         trainer.strategy.barrier("lora_export")
 
     @rank_zero_only
@@ -194,6 +217,24 @@ class LoRA(Callback):
         name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
         path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name)
         rank_zero_info(f"LoRA: PEFT adapter written to {path}")
+
+
+def use_atomic_checkpoint_io(trainer: pl.Trainer) -> None:
+    """Swap Lightning's plain ``TorchCheckpointIO`` for :class:`~lightning_qlora.AtomicCheckpointIO`.
+
+    Checkpoints are then written atomically and loaded with ``weights_only=True``; a custom checkpoint IO is kept.
+    """
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from lightning_qlora.checkpoint_io import AtomicCheckpointIO
+
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the wrapper prefixes FSDP1 and activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def _quantization(trainer: pl.Trainer | None) -> dict[str, Any] | None:
@@ -243,39 +284,10 @@ def check_checkpoint_matches(
                 f"checkpoint was trained with LoRA {key}={saved[key]!r} but the callback has "
                 f"{key}={getattr(config, key)!r}; use the checkpoint's LoRA settings to resume"
             )
-    have = {name for name, _ in pl_module.named_parameters()}
+    have = {unwrapped_name(name) for name, _ in pl_module.named_parameters()}
     missing = [k for k in meta.get("trainable_keys", []) if k not in have]
     if missing:
         raise ValueError(
             f"checkpoint has adapter weights for {len(missing)} layers this model lacks (e.g. "
             f"{missing[0]}); use the same target_modules as the run that wrote it"
         )
-
-
-def enable_gradient_checkpointing(root: nn.Module) -> str:
-    """Turn on activation checkpointing for ``root``; returns how (``"transformers"`` or ``"blocks"``)."""
-    if hasattr(root, "gradient_checkpointing_enable") and getattr(root, "supports_gradient_checkpointing", False):
-        if hasattr(root, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
-            root.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        root.train()
-        return "transformers"
-    blocks = max((m for m in root.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-    if blocks is None:
-        raise ValueError(f"gradient_checkpointing: {type(root).__name__} has no ModuleList of blocks to checkpoint")
-    for block in blocks:
-        if not getattr(block.forward, "_checkpointed", False):
-            block.forward = _checkpointed(block.forward)
-    return "blocks"
-
-
-def _checkpointed(forward: Any) -> Any:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    run._checkpointed = True  # type: ignore[attr-defined]
-    return run

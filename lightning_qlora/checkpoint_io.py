@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -85,7 +86,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
-        """Delete ``path`` (a missing file is fine)."""
+        """Delete ``path`` (a missing file is fine; a sharded checkpoint folder from FSDP is removed whole)."""
+        if Path(path).is_dir():
+            shutil.rmtree(path)
+            return
         Path(path).unlink(missing_ok=True)
 
 
@@ -182,6 +186,19 @@ class ResumableCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, save_last: bool | str = True, every_n_train_steps: int | None = 50, **kwargs: Any):
         super().__init__(*args, save_last=save_last, every_n_train_steps=every_n_train_steps, **kwargs)
 
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Save as ``ModelCheckpoint`` does, but after the validation due at this batch, if there is one.
+
+        Lightning resumes a checkpoint written at a batch end as if that batch's validation had already run, so a
+        save before it would lose that validation from the resumed run's history.
+        """
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and not self._should_skip_saving_checkpoint(trainer) and _validation_due(trainer):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves then
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     @staticmethod
     @override
     def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
@@ -194,3 +211,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             os.replace(tmp, linkpath)
             fsync_path(Path(folder), directory=True)
         trainer.strategy.barrier()
+
+
+def _validation_due(trainer: Any) -> bool:
+    """Whether Lightning runs validation right after the current training batch."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning version: save at once, as ModelCheckpoint does
+        return False

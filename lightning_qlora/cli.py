@@ -1,4 +1,7 @@
-"""``lightning-qlora``: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and ``evaluate`` (lm-eval)."""
+"""``lightning-qlora``: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and ``evaluate`` (lm-eval).
+
+``lightning-qlora memory --config recipe.yaml`` prints the memory plan of a recipe (see :mod:`.memory_cli`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import sys
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_qlora.callback import model_root
+from lightning_qlora.guards import NonFiniteError
 
 ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
@@ -126,20 +131,76 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 class QLoRACLI(LightningCLI):
-    """LightningCLI whose model and data come from YAML ``class_path``/``init_args`` (any LightningModule)."""
+    """LightningCLI whose model and data come from YAML ``class_path``/``init_args`` (any LightningModule).
+
+    Every run also gets :func:`default_guards` (exact resume, a stop on non-finite losses, out-of-memory advice).
+    """
 
     @override
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
 
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` once, safely (``weights_only``, one-line errors), and apply its model hparams.
+
+        Lightning's CLI restores the model's init arguments from the checkpoint (they win over the config).
+        """
+        from lightning_qlora.checkpoint_io import load_checkpoint_file
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        hparams = dict(load_checkpoint_file(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The configured Trainer plus the run guards the config leaves out (see :func:`default_guards`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.extend(default_guards(trainer.callbacks))
+        return trainer
+
+
+def default_guards(callbacks: list[Callback]) -> list[Callback]:
+    """Guards every CLI run gets unless its config has its own: exact resume, NaN stop, out-of-memory advice.
+
+    Args:
+        callbacks: the callbacks already configured.
+
+    Returns:
+        New instances of :class:`~lightning_qlora.ExactResume`, :class:`~lightning_qlora.NonFiniteGuard` and
+        :class:`~lightning_qlora.OutOfMemoryAdvice` for those not among ``callbacks``.
+    """
+    from lightning_qlora.guards import NonFiniteGuard, OutOfMemoryAdvice
+    from lightning_qlora.resume import ExactResume
+
+    have = {type(c) for c in callbacks}
+    return [
+        cls() for cls in (ExactResume, NonFiniteGuard, OutOfMemoryAdvice) if not any(issubclass(h, cls) for h in have)
+    ]
+
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point. Bad input ends with one ``lightning-qlora: error: ...`` line and exit code 2.
 
-    Set ``LIGHTNING_QLORA_DEBUG=1`` to get the full traceback instead.
+    A run that fails (non-finite loss, out of memory with :class:`~lightning_qlora.OutOfMemoryAdvice`) ends with one
+    line and exit code 1. Set ``LIGHTNING_QLORA_DEBUG=1`` to get the full traceback instead.
     """
     try:
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv[:1] == ["memory"]:  # the planner reads the recipe itself: nothing is instantiated
+            from lightning_qlora.memory_cli import memory_command
+
+            return memory_command(argv[1:])
+        _check_config_files(argv)
         QLoRACLI(
             model_class=pl.LightningModule,
             datamodule_class=None,  # optional: `evaluate` needs no data
@@ -154,9 +215,69 @@ def main(args: list[str] | None = None) -> None:
     except ONE_LINE_ERRORS as err:
         if os.environ.get("LIGHTNING_QLORA_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"lightning-qlora: error: {message}", file=sys.stderr)
+        print(f"lightning-qlora: error: {_first_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (NonFiniteError, torch.OutOfMemoryError) as err:  # the run failed, not the input: exit 1
+        if os.environ.get("LIGHTNING_QLORA_DEBUG"):
+            raise
+        advice = getattr(err, "lightning_qlora_advice", None)
+        print(f"lightning-qlora: error: {advice or _first_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+_JSONARGPARSE_NOISE = (
+    "Does not validate against",
+    "Not a valid subclass",
+    "Import path",
+    "Expected a",
+    "Subclass types expect",
+    "a class path",
+    "a dict ",
+    "Problem with given class_path",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+)
+
+
+def _first_line(err: BaseException) -> str:
+    """The line that says what is wrong: for jsonargparse's nested Union reports, the class's own error inside."""
+    chain: list[BaseException] = [err]
+    while isinstance(chain[-1].__cause__, ONE_LINE_ERRORS) and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    for link in chain:
+        text = str(link).strip()
+        if not _is_wrapper(text):
+            return text.splitlines()[0] if text else type(link).__name__
+        for line in text.splitlines():
+            cause = line.strip().removeprefix("- ").strip()
+            if cause and not cause.startswith(_JSONARGPARSE_NOISE):
+                return cause
+    return str(err).strip().splitlines()[0]
+
+
+def _is_wrapper(text: str) -> bool:
+    return text.startswith(("Does not validate against", "Not a valid subclass", "Expected a")) or (
+        "Problem with given class_path" in text
+    )
+
+
+def _check_config_files(args: list[str]) -> None:
+    """Name the file when a ``--config`` YAML is unreadable (jsonargparse's parse error does not)."""
+    import yaml
+
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    for path in paths:
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    yaml.safe_load(handle)
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark is not None else ""
+                problem = getattr(err, "problem", None) or _first_line(err)
+                raise ValueError(f"config {path}{where}: not valid YAML ({problem}); fix the file") from None
 
 
 if __name__ == "__main__":

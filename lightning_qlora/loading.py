@@ -5,6 +5,8 @@ whose weight lives on the meta device (no memory). ``load_state_dict`` (or :func
 one tensor at a time) quantizes each incoming full-precision weight straight onto the target device, so the device
 never holds more than the 4-bit model plus one full-precision matrix. Layers named in the skip list (the output
 head) keep their loaded weight in full precision; :func:`finalize_deferred` turns them back into ``nn.Linear``.
+:func:`materialize_random` fills the shells from ``N(0, std)`` instead of a checkpoint, one layer at a time, so a
+random-weight model of any size is built straight into 4 bits (a 70B model never exists in bf16).
 """
 
 from __future__ import annotations
@@ -205,6 +207,45 @@ def finalize_deferred(model: nn.Module) -> list[str]:
                 plain.bias = shell.bias
             model.set_submodule(name, plain)
     return empty
+
+
+def materialize_random(model: nn.Module, std: float, generator: torch.Generator | None = None) -> list[str]:
+    """Fill every empty shell with a ``N(0, std²)`` weight (zero bias), quantizing each before drawing the next.
+
+    Only one full-precision matrix exists at a time (drawn on the shell's target device in its dtype), so peak memory
+    is the 4-bit model plus one layer. Shells in the skip list or marked full precision (the output head) keep their
+    draw unquantized; call :func:`finalize_deferred` afterwards to turn those into ``nn.Linear``.
+
+    Args:
+        model: a model built under :func:`deferred_4bit_linears`.
+        std: standard deviation of the weights (transformers uses ``config.initializer_range``).
+        generator: random generator on the shells' device (default: torch's global one for that device).
+
+    Returns:
+        The names of the shells that were filled.
+
+    Raises:
+        ValueError: if ``std`` is not a positive number.
+    """
+    if not std > 0:
+        raise ValueError(f"random init std={std!r} must be a positive number (e.g. config.initializer_range=0.02)")
+    filled = []
+    for name, shell in deferred_layers(model):
+        if shell.weight.device.type != "meta":
+            continue
+        if is_skipped(name, shell.quantization_config.skip_modules):
+            shell.keep_full_precision = True  # as loading a checkpoint does (the output head)
+        weight = torch.empty(shell.out_features, shell.in_features, device=shell.target_device, dtype=shell.bias_dtype)
+        weight.normal_(0.0, std, generator=generator)
+        errors: list[str] = []
+        shell._load_weight(weight, {}, errors, f"{name}.weight")
+        del weight
+        if shell.bias is not None:
+            shell.bias = nn.Parameter(
+                torch.zeros(shell.out_features, device=shell.target_device, dtype=shell.bias_dtype), requires_grad=False
+            )
+        filled.append(name)
+    return filled
 
 
 def load_safetensors(

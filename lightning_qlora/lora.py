@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qlora.dtypes import to_dtype
+from lightning_qlora.lora_function import fused_lora_linear
 from lightning_qlora.quantization import DEFAULT_SKIP_MODULES, is_4bit_linear, is_skipped, tied_linear_names
 
 
@@ -40,6 +41,11 @@ class LoRAConfig:
     """Dtype of the adapter master weights; the matmuls run in the autocast dtype when autocast is on."""
     head_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
     """Output-head names that ``"all-linear"`` leaves out (tied heads are left out too)."""
+    fused: bool = True
+    """Train through :class:`~lightning_qlora.lora_function.LoRALinearFunction` (one autograd node per layer that
+    keeps only ``x``, ``x·Aᵀ`` and a bit-packed dropout mask, and re-dequantizes ``W0`` in backward) while gradients
+    are on and the base is a 4-bit or frozen plain linear; ``False`` always uses the plain composition of the base
+    layer, dropout and two ``F.linear`` calls."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -61,7 +67,22 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (plain or 4-bit) plus a trainable low-rank update."""
+    """A frozen linear layer (plain or 4-bit) plus a trainable low-rank update.
+
+    While gradients are on, the forward runs :class:`~lightning_qlora.lora_function.LoRALinearFunction` (base matmul
+    and update in one autograd node that keeps only ``x``, ``x·Aᵀ`` and, with dropout, a bit-packed mask) whenever
+    the base is a bitsandbytes 4-bit linear or a frozen ``nn.Linear``; otherwise (inference, a trainable or exotic
+    base, ``fused=False``) the plain composition :meth:`plain_forward`. Both compute the same function.
+
+    Args:
+        base_layer: the frozen linear layer (``nn.Linear`` or bitsandbytes ``Linear4bit``/``NF4Linear``).
+        r: rank of the update.
+        alpha: scale numerator (``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the adapter input.
+        use_rslora: rank-stabilised scaling.
+        dtype: dtype of the master ``lora_A``/``lora_B``.
+        fused: allow the fused autograd function (see ``LoRAConfig.fused``).
+    """
 
     def __init__(
         self,
@@ -71,6 +92,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         dtype: torch.dtype = torch.float32,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -80,6 +102,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fused = fused
         device = _module_device(base_layer)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
@@ -101,7 +124,16 @@ class LoRALinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W0·x + b + scaling · B·(A·dropout(x))``."""
+        """``W0·x + b + scaling · B·(A·dropout(x))``: fused while gradients are on (see ``LoRAConfig.fused``)."""
+        if self.fused and torch.is_grad_enabled():
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+            out = fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, p)
+            if out is not None:
+                return out
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused composition: the base layer's own forward, dropout, then two ``F.linear`` calls."""
         result = self.base_layer(x)
         lora_x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
@@ -115,7 +147,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         """Shapes and scale, shown by ``print(model)``."""
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, fused={self.fused}"
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -174,7 +206,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     dtype = to_dtype(config.dtype)
     for name in names:
         base = model.get_submodule(name)
-        model.set_submodule(name, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, dtype))
+        layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, dtype, fused=config.fused)
+        model.set_submodule(name, layer)
     return names
 
 

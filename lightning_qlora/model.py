@@ -7,11 +7,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_qlora.dtypes import to_dtype
-from lightning_qlora.hub import load_causal_lm, resolve_model_dir
+from lightning_qlora.hub import ModelSourceError, load_causal_lm, resolve_model_dir
 from lightning_qlora.precision import NF4Precision
 
 
@@ -34,6 +35,14 @@ class CausalLM(pl.LightningModule):
         trust_remote_code: allow model code from the checkpoint (off unless you turn it on).
         attn_implementation: transformers attention backend (``sdpa`` by default).
         cache_dir: where GGUF conversions are cached.
+        loss_chunk_size: compute the loss with :func:`lightning_qlora.losses.chunked_cross_entropy` over this many
+            tokens at a time (no fp32 logits for the whole batch, ignored tokens skipped); ``None``: the model's own
+            loss. Models that rescale or cap their logits fall back to their own loss with a warning.
+        init: ``"checkpoint"`` loads the weights; ``"random"`` needs only ``config.json`` (``model`` may be the
+            ``.json`` itself) and draws every linear from ``N(0, init_std²)`` layer by layer, straight into 4 bits
+            (a 70B architecture never exists in bf16; peak ≈ the 4-bit model plus one layer); give ``tokenizer``
+            when a data module needs one.
+        init_std: standard deviation of the random linears (default the config's ``initializer_range``).
     """
 
     def __init__(
@@ -48,7 +57,14 @@ class CausalLM(pl.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = "sdpa",
         cache_dir: str | None = None,
+        loss_chunk_size: int | None = 4096,
+        init: str = "checkpoint",
+        init_std: float | None = None,
     ) -> None:
+        if loss_chunk_size is not None and (type(loss_chunk_size) is not int or loss_chunk_size <= 0):
+            raise ValueError(f"CausalLM got loss_chunk_size={loss_chunk_size!r}; pass a positive int (4096) or None")
+        if init not in ("checkpoint", "random"):
+            raise ValueError(f"CausalLM got init={init!r}; use 'checkpoint' (load the weights) or 'random'")
         super().__init__()
         self.save_hyperparameters()
         self.source = model
@@ -76,7 +92,14 @@ class CausalLM(pl.LightningModule):
             source: Any = self.tokenizer_source or self.model_dir
             if str(source).endswith(".gguf") or str(source).startswith("pkg://"):
                 source = resolve_model_dir(source, self.hparams.cache_dir)  # GGUF conversions carry the tokenizer
-            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.hparams.trust_remote_code)
+            try:
+                tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.hparams.trust_remote_code)
+            except (OSError, ValueError) as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ModelSourceError(
+                    f"tokenizer {source}: cannot load ({reason}); pass a model folder with a valid config.json and "
+                    "tokenizer files, or set tokenizer="
+                ) from None
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             self._tokenizer = tok
@@ -99,6 +122,8 @@ class CausalLM(pl.LightningModule):
             dtype=self.dtype_,
             trust_remote_code=self.hparams.trust_remote_code,
             attn_implementation=self.hparams.attn_implementation,
+            init=self.hparams.get("init", "checkpoint"),
+            init_std=self.hparams.get("init_std"),
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -107,10 +132,21 @@ class CausalLM(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        chunk = self.hparams.get("loss_chunk_size")
+        if chunk is not None:
+            from lightning_qlora.losses import causal_lm_loss, chunked_loss_unsupported
+
+            reason = chunked_loss_unsupported(self.model)
+            if reason is None:
+                ids, mask = batch["input_ids"], batch.get("attention_mask")
+                return causal_lm_loss(self.model, ids, batch["labels"], mask, chunk), tokens
+            if not getattr(self, "_chunked_loss_warned", False):
+                self._chunked_loss_warned = True
+                rank_zero_warn(f"CausalLM: loss_chunk_size={chunk} ignored, using the model's own loss: {reason}")
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
         )
-        tokens = (batch["labels"][:, 1:] != -100).sum()
         return out.loss, tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -133,6 +169,14 @@ class CausalLM(pl.LightningModule):
         self.log("val_ppl", torch.exp(value), sync_dist=True)
         if not math.isnan(float(value)):
             self.val_history.append((self.global_step, float(value)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the held-out loss history, so a resumed run still reports the loss before training."""
+        checkpoint["val_history"] = [list(item) for item in self.val_history]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the held-out loss history of the run that wrote ``checkpoint``."""
+        self.val_history = [(int(step), float(loss)) for step, loss in checkpoint.get("val_history", [])]
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:

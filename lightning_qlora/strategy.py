@@ -1,4 +1,7 @@
-"""``PagedOptimizerStrategy``: single-device training whose optimizer state lives in paged (unified) memory."""
+"""``PagedOptimizerStrategy``: single-device training whose optimizer state lives in paged (unified) memory.
+
+:class:`PagedOptimizerMixin` holds the optimizer conversion so the DDP strategy can share it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_qlora.checkpoint_io import AtomicCheckpointIO
 from lightning_qlora.optimizers import (
     build_optimizer,
     check_optimizer_name,
@@ -22,14 +26,77 @@ from lightning_qlora.optimizers import (
 )
 
 
-class PagedOptimizerStrategy(SingleDeviceStrategy):
-    """Train on one device with a bitsandbytes paged optimizer, which absorbs memory spikes by paging its state.
+class PagedOptimizerMixin:
+    """Strategy mixin that rebuilds the optimizer as a bitsandbytes paged one (single device and DDP strategies).
 
     Whatever ``configure_optimizers`` returns is rebuilt as the matching bitsandbytes optimizer (torch ``AdamW`` ->
     ``PagedAdamW``, ``Adam`` -> ``PagedAdam``; anything else -> ``optimizer``), keeping lr, betas, eps, weight
     decay, param groups and schedulers; only trainable parameters get state. When the module does not define
     ``configure_optimizers``, the optimizer is built from ``optimizer`` and ``optimizer_kwargs``. On CPU, where
-    paging does not exist, the unpaged equivalent is used with one warning.
+    paging does not exist, the unpaged equivalent is used with one warning. Call :meth:`_init_paged_optimizer` from
+    the strategy's ``__init__``.
+    """
+
+    optimizer_name: str
+    optimizer_kwargs: dict[str, Any]
+
+    def _init_paged_optimizer(self, optimizer: str, optimizer_kwargs: dict[str, Any] | None) -> None:
+        self.optimizer_name = check_optimizer_name(optimizer)
+        self.optimizer_kwargs = {"lr": 2e-4, **(optimizer_kwargs or {})}
+        self._warned_cpu = False
+
+    def connect(self, model: pl.LightningModule) -> None:
+        """Give a module without ``configure_optimizers`` one that builds ``optimizer`` (Lightning needs the hook)."""
+        super().connect(model)  # type: ignore[misc]
+        current = getattr(model, "configure_optimizers", None)
+        if getattr(current, "_paged_default", False) or not is_overridden("configure_optimizers", model):
+
+            def configure_optimizers() -> torch.optim.Optimizer:
+                params = list(model.parameters())
+                return build_optimizer(self.optimizer_name, params, self.paged, **self.optimizer_kwargs)
+
+            configure_optimizers._paged_default = True  # type: ignore[attr-defined]
+            model.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
+    @property
+    def paged(self) -> bool:
+        """Whether paging is available (CUDA only)."""
+        return self.root_device.type == "cuda"  # type: ignore[attr-defined]
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """Let Lightning build the optimizers, then rebuild each as its bitsandbytes (paged) equivalent."""
+        name = type(self).__name__
+        if not self.paged and not self._warned_cpu:
+            warnings.warn(
+                f"{name}: paged optimizers need CUDA; on {self.root_device} '{self.optimizer_name}' "  # type: ignore[attr-defined]
+                "runs unpaged (same math, no paging)",
+                stacklevel=2,
+            )
+            self._warned_cpu = True
+        super().setup_optimizers(trainer)  # type: ignore[misc]  # a module without the hook got one in `connect`
+        converted = []
+        for optimizer in self.optimizers:  # type: ignore[attr-defined]
+            new = convert_optimizer(optimizer, self.optimizer_name, self.paged)  # bitsandbytes ones pass through
+            retarget_schedulers(self.lr_scheduler_configs, optimizer, new)  # type: ignore[attr-defined]
+            converted.append(new)
+        self.optimizers = converted
+        names = ", ".join(type(o).__name__ for o in self.optimizers)
+        rank_zero_info(f"{name}: {names} over {self.trainable_parameter_count():,} trainable params")
+
+    def trainable_parameter_count(self) -> int:
+        """Parameters that have optimizer state."""
+        return sum(p.numel() for o in self.optimizers for g in o.param_groups for p in g["params"])
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state right now (zero before the first step: state is created lazily)."""
+        return sum(optimizer_state_bytes(o) for o in self.optimizers)
+
+
+class PagedOptimizerStrategy(PagedOptimizerMixin, SingleDeviceStrategy):
+    """Train on one device with a bitsandbytes paged optimizer, which absorbs memory spikes by paging its state.
+
+    See :class:`PagedOptimizerMixin` for how the optimizer is rebuilt; :class:`~lightning_qlora.PagedDDPStrategy` is
+    the same on several devices.
 
     Args:
         optimizer: name such as ``paged_adamw_32bit`` (default), ``paged_adamw_8bit``, ``paged_lion_8bit``.
@@ -49,11 +116,11 @@ class PagedOptimizerStrategy(SingleDeviceStrategy):
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.optimizer_name = check_optimizer_name(optimizer)
-        self.optimizer_kwargs = {"lr": 2e-4, **(optimizer_kwargs or {})}
+        self._init_paged_optimizer(optimizer, optimizer_kwargs)
         self._explicit_device = torch.device(device) if device is not None else None
+        if kwargs.get("checkpoint_io") is None:  # LightningCLI passes None explicitly
+            kwargs["checkpoint_io"] = AtomicCheckpointIO()  # temp + fsync + rename; weights_only loads
         super().__init__(device=self._explicit_device or "cpu", **kwargs)
-        self._warned_cpu = False
 
     @property
     @override
@@ -63,51 +130,3 @@ class PagedOptimizerStrategy(SingleDeviceStrategy):
         if isinstance(self.accelerator, CUDAAccelerator):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-    @override
-    def connect(self, model: pl.LightningModule) -> None:
-        """Give a module without ``configure_optimizers`` one that builds ``optimizer`` (Lightning needs the hook)."""
-        super().connect(model)
-        current = getattr(model, "configure_optimizers", None)
-        if getattr(current, "_paged_default", False) or not is_overridden("configure_optimizers", model):
-
-            def configure_optimizers() -> torch.optim.Optimizer:
-                params = list(model.parameters())
-                return build_optimizer(self.optimizer_name, params, self.paged, **self.optimizer_kwargs)
-
-            configure_optimizers._paged_default = True  # type: ignore[attr-defined]
-            model.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
-
-    @property
-    def paged(self) -> bool:
-        """Whether paging is available (CUDA only)."""
-        return self.root_device.type == "cuda"
-
-    @override
-    def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        module = self.lightning_module
-        assert module is not None
-        if not self.paged and not self._warned_cpu:
-            warnings.warn(
-                f"PagedOptimizerStrategy: paged optimizers need CUDA; on {self.root_device} '{self.optimizer_name}' "
-                "runs unpaged (same math, no paging)",
-                stacklevel=2,
-            )
-            self._warned_cpu = True
-        super().setup_optimizers(trainer)  # a module without configure_optimizers got one in `connect`
-        converted = []
-        for optimizer in self.optimizers:
-            new = convert_optimizer(optimizer, self.optimizer_name, self.paged)  # bitsandbytes ones pass through
-            retarget_schedulers(self.lr_scheduler_configs, optimizer, new)
-            converted.append(new)
-        self.optimizers = converted
-        names = ", ".join(type(o).__name__ for o in self.optimizers)
-        rank_zero_info(f"PagedOptimizerStrategy: {names} over {self.trainable_parameter_count():,} trainable params")
-
-    def trainable_parameter_count(self) -> int:
-        """Parameters that have optimizer state."""
-        return sum(p.numel() for o in self.optimizers for g in o.param_groups for p in g["params"])
-
-    def optimizer_state_bytes(self) -> int:
-        """Bytes of optimizer state right now (zero before the first step: state is created lazily)."""
-        return sum(optimizer_state_bytes(o) for o in self.optimizers)

@@ -1,13 +1,19 @@
-"""``RunSummary``: tokens/s and peak memory while training, and a short table at the end of the run."""
+"""``RunSummary``: tokens/s and peak memory while training, and a short table at the end of the run.
+
+At fit end the table also shows the :mod:`~lightning_qlora.planner`'s prediction for the run (its model config, the
+largest batch seen, the LoRA callback, the precision plugin and the strategy) next to the measured peak.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +23,11 @@ from typing_extensions import override
 
 from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.footprint import measure_footprint
+
+if TYPE_CHECKING:
+    from lightning_qlora.planner import MemoryPlan
+
+log = logging.getLogger(__name__)
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -42,6 +53,10 @@ class RunSummary(Callback):
         self._window_tokens = 0
         self._window_start = 0.0
         self.rows: dict[str, str] = {}
+        self.batch_shape: tuple[int, int] | None = None
+        """Largest ``(batch, sequence)`` of ``input_ids`` seen in training (what the plan is made for)."""
+        self.plan: MemoryPlan | None = None
+        """The planner's prediction for this run, made at fit end (``None`` when it cannot plan the model)."""
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -57,6 +72,9 @@ class RunSummary(Callback):
             torch.cuda.synchronize()
         now = time.perf_counter()
         tokens = _count_tokens(batch)
+        shape = _batch_shape(batch)
+        if shape is not None and (self.batch_shape is None or math.prod(shape) > math.prod(self.batch_shape)):
+            self.batch_shape = shape
         self.tokens += tokens
         self.seconds += now - self._start
         self._window_tokens += tokens
@@ -93,6 +111,17 @@ class RunSummary(Callback):
             "tokens/s (train)": f"{self.tokens / self.seconds:,.0f}" if self.seconds else "n/a",
             f"peak memory ({what})": f"{peak / 2**30:.2f} GiB",
         }
+        self.plan = plan_for_run(trainer, pl_module, self.batch_shape) if self.batch_shape else None
+        if self.plan is not None:
+            predicted = self.plan.peak
+            if what.startswith("cuda"):
+                ratio = predicted / max(peak, 1)
+                rows["predicted peak (planner)"] = f"{predicted / 2**30:.2f} GiB (predicted / measured = {ratio:.2f})"
+            else:
+                rows["predicted peak (planner)"] = (
+                    f"{predicted / 2**30:.2f} GiB of tensors (the measured peak RSS also counts Python, libraries "
+                    "and the allocator's cache: not comparable on CPU)"
+                )
         history = getattr(pl_module, "val_history", [])
         if history:
             rows["held-out loss before"] = f"{history[0][1]:.4f} (step {history[0][0]})"
@@ -108,6 +137,60 @@ class RunSummary(Callback):
         lines = ["", "lightning-qlora run summary", "-" * (width + 40)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in self.rows.items()]
         print("\n".join(lines), flush=True)
+
+
+def plan_for_run(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: tuple[int, int]
+) -> MemoryPlan | None:
+    """The planner's prediction for a (running) fit: model config, LoRA callback, precision plugin, strategy.
+
+    Args:
+        trainer: the Trainer.
+        pl_module: the module; its wrapped network must have a transformers ``config``.
+        batch_shape: ``(batch, sequence)`` per device.
+
+    Returns:
+        The plan, or ``None`` when the model or setup is not one the planner knows (logged at debug level).
+    """
+    from lightning_qlora.callback import LoRA, model_root
+    from lightning_qlora.planner import plan_memory
+    from lightning_qlora.precision import NF4Precision
+
+    root = model_root(pl_module)
+    config = getattr(root, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    lora = next((c for c in trainer.callbacks if isinstance(c, LoRA)), None)
+    plugin = trainer.precision_plugin
+    strategy = trainer.strategy
+    embeddings = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+    hparams = getattr(pl_module, "hparams", {})
+    try:
+        return plan_memory(
+            config,
+            batch_size=batch_shape[0],
+            seq_len=batch_shape[1],
+            lora=lora.config if lora else None,
+            quantization=plugin.config if isinstance(plugin, NF4Precision) else None,
+            quantize=isinstance(plugin, NF4Precision),
+            optimizer=getattr(strategy, "optimizer_name", "adamw"),
+            gradient_checkpointing=bool(lora and lora.gradient_checkpointing),
+            dtype=embeddings.weight.dtype if embeddings is not None else "bf16",
+            devices=max(1, trainer.world_size),
+            sharding="fsdp" if "fsdp" in type(strategy).__name__.lower() else "ddp",
+            loss_chunk_size=hparams.get("loss_chunk_size") if hasattr(hparams, "get") else None,
+            device_type=strategy.root_device.type,
+        )
+    except Exception as err:  # a model the planner does not know must not break the summary
+        log.debug("RunSummary: no memory plan for %s (%s)", type(root).__name__, err)
+        return None
+
+
+def _batch_shape(batch: Any) -> tuple[int, int] | None:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return int(ids.shape[0]), int(ids.shape[1])
+    return None
 
 
 def _count_tokens(batch: Any) -> int:

@@ -108,6 +108,7 @@ def main(spec_path: str) -> None:
     data = InstructionDataModule(spec["data"], batch_size=2, max_length=64, val_split=4, seed=11)
     trainer.fit(model, datamodule=data, ckpt_path="last" if spec.get("resume") else None)
     print(f"finished at step {trainer.global_step}", flush=True)
+    print(f"val_history={json.dumps(model.val_history)}", flush=True)
 
 
 if __name__ == "__main__":

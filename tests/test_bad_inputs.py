@@ -7,7 +7,6 @@ names what was wrong, and leave those files byte-for-byte as they were.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import shutil
@@ -18,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import build_tiny_llama
 from safetensors.torch import load_file, save_file
 
 from lightning_qlora.cli import main
-
-from conftest import build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,15 @@ def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path)
         assert math.isfinite(row.tok_s) and row.tok_s > 0
         assert math.isfinite(row.step_ms) and row.step_ms > 0
         assert row.peak_gib > 0 and row.peak_kind == "process peak RSS"
-        assert row.mfu is None  # no --peak-tflops on CPU
+        assert row.mfu is None and row.mfu_8nt is None  # no --peak-tflops on CPU
         # gradient checkpointing really recomputes: the first block's MLP is entered twice per step, in train mode
         assert row.gc_forward_calls == [2, 2, 2], row.gc_forward_calls
         assert row.train_mode and row.extra["gradient_checkpointing"]
         assert row.extra["trainable_params"] == by_stack[ANCHOR].extra["trainable_params"]
     ours, anchor = by_stack[OURS], by_stack[ANCHOR]
     assert ours.optimizer == anchor.optimizer == "AdamW32bit"  # the unpaged fallback on CPU, on both sides
+    # ours runs the fast path: every adapted layer through the fused LoRA function, the chunked loss
+    assert ours.extra["fast_path"] == {"lora_layers": 14, "fused_lora_layers": 14, "loss": "chunked (4096 tokens)"}
     assert math.isfinite(ours.ratio_tok_s) and ours.ratio_tok_s > 0
     assert math.isfinite(ours.ratio_peak) and ours.ratio_peak > 0
 
@@ -56,7 +58,7 @@ def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path)
 
     table = bench.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU |")
+    assert lines[0].startswith("| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU | MFU 8N |")
     assert any(line.startswith(f"| micro 1x64 | {ANCHOR} |") for line in lines)
     ours_line = next(line for line in lines if line.startswith(f"| micro 1x64 | {OURS} |"))
     assert f"{ours.ratio_tok_s:.2f}×" in ours_line
@@ -94,3 +96,36 @@ def test_quantized_bits_match_hf_bitsandbytes_loading(bench, tmp_path):
         expected = hf(input_ids=ids, labels=ids).loss
         got = ours(input_ids=ids, labels=ids).loss
     assert torch.equal(got, expected)  # same bits, same bf16 residual stream (no fp32 upcast here): same loss
+
+
+def test_mfu_columns_count_6n_and_8n_flops_per_token(bench):
+    w = bench.Workload(
+        name="w", model_dir="", n_params=1_000_000, batch_size=2, seq_len=100, vocab_size=8, steps=3, warmup=1,
+        device="cpu",
+    )
+
+    class Probe:
+        def peak(self):
+            return 1.0, "test", None
+
+    row = bench.summarize("s", w, [0.5, 0.1, 0.1], [1.0, 1.0, 1.0], Probe(), peak_tflops=1e-3, optimizer="x",
+                          gc_forward_calls=[2, 2, 2], train_mode=True, isolated=False)
+    assert row.tok_s == pytest.approx(2000)  # 200 tokens / 0.1 s (the median after the warmup)
+    assert row.mfu == pytest.approx(6 * 1e6 * 2000 / 1e9)
+    assert row.mfu_8nt == pytest.approx(8 * 1e6 * 2000 / 1e9)
+    assert row.mfu_4nt == pytest.approx(4 * 1e6 * 2000 / 1e9)
+    line = bench.format_table([row]).splitlines()[2]
+    assert f"| {row.mfu * 100:.1f}% | {row.mfu_8nt * 100:.1f}% |" in line
+
+
+def test_fast_path_micro_bench_runs_and_chunking_lowers_the_loss_peak():
+    spec = importlib.util.spec_from_file_location("fast_path_micro", BENCH.parent / "fast_path_micro.py")
+    micro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(micro)
+    for fused in (False, True):
+        ms = micro.time_layer("cpu", tokens=64, features=64, rank=8, dropout=0.05, fused=fused, iters=1)
+        assert math.isfinite(ms) and ms > 0
+    full, _ = micro.loss_peak("cpu", 2, 64, 1024, 64, chunk=None)
+    chunked, _ = micro.loss_peak("cpu", 2, 64, 1024, 64, chunk=32)
+    assert full >= 2 * 64 * 1024 * 6 / 2**20  # bf16 logits + their fp32 copy
+    assert chunked * 4 < full

@@ -116,3 +116,38 @@ def test_evaluate_unknown_task_is_one_line(recipe, capsys):
     code, _, err = run_cli(["evaluate", "--config", str(recipe), "--tasks", "[qlora_demo_mcc]"], capsys)
     line = one_error_line(err)
     assert code == 2 and "qlora_demo_mcc" in line and "qlora_demo_mc" in line
+
+
+# ----------------------------------------------------------------------------- memory (the planner)
+def test_memory_prints_the_plan_of_the_recipe(recipe, capsys):
+    main(["memory", "--config", str(recipe)])
+    out = capsys.readouterr().out
+    assert "batch 4 x 64" in out and "checkpointing off" in out
+    for label in ("4-bit base weights", "LoRA adapters", "r=8", "paged_adamw_32bit", "predicted peak"):
+        assert label in out
+
+
+def test_memory_overrides_budget_and_json(recipe, capsys):
+    main(["memory", "--config", str(recipe), "--data.init_args.batch_size=16", "--budget", "1KiB"])
+    out = capsys.readouterr().out
+    assert "batch 16 x 64" in out and "MiB" in out and "over the budget of 0.0 MiB" in out
+    assert "turn gradient checkpointing on" in out
+    main(["memory", "--config", str(recipe), "--json", "--devices", "2", "--sharding", "fsdp", "--budget", "80GiB"])
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["settings"]["devices"] == 2 and payload["settings"]["sharding"] == "fsdp"
+    assert payload["advice"] == [] and payload["peak"] < payload["total"] or payload["paged_optimizer_states"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--budget", "lots"], "is not a size"),
+        (["--trainer"], "overrides look like"),
+        ([], None),
+    ],
+)
+def test_memory_bad_input_is_one_line(recipe, capsys, args, fragment):
+    argv = ["memory"] + (["--config", str(recipe)] if args else []) + args
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert (fragment or "--config") in one_error_line(err)

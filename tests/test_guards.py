@@ -187,3 +187,15 @@ def test_cli_prints_one_line_advice_on_out_of_memory(tiny_llama_dir, rows, tmp_p
     lines = [line for line in err.splitlines() if line.startswith("lightning-qlora: error:")]
     assert len(lines) == 1 and "Traceback" not in err
     assert "out of memory at step 2 (batch 4x" in lines[0] and "batch_size=2" in lines[0]
+
+
+def test_lora_callback_makes_lightning_checkpoints_atomic_and_weights_only(tiny_mlp, tmp_path):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from lightning_qlora.checkpoint_io import AtomicCheckpointIO
+
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, max_steps=1)
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+    LoRA(r=8).setup(trainer, pl.LightningModule(), "fit")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert trainer.strategy.checkpoint_io.weights_only

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -101,3 +102,75 @@ def test_embedded_gguf_converts_once_and_loads_quantized():
     model = load_causal_lm(first, QuantizationConfig())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied head kept in bf16
     assert sum(is_4bit_linear(m) for m in model.modules()) == 30 * 7
+
+
+# ----------------------------------------------------------------------------- random init, straight into 4 bits
+def _wide_config_dir(tmp_path):
+    from conftest import tiny_llama_config
+
+    config = tiny_llama_config(hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                               num_key_value_heads=8)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    return config
+
+
+def test_random_init_from_config_json_builds_4bit_with_initializer_range(tmp_path):
+    from lightning_qlora.memory_tracker import LiveTensorTracker
+    from lightning_qlora.planner import plan_memory
+
+    config = _wide_config_dir(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no weights at all
+    fp_model_bytes = 2 * 4 * 1024 * 1024 * 7  # what the 2 layers' linears would take in fp32
+    torch.manual_seed(0)
+    with LiveTensorTracker() as tracker:
+        model = load_causal_lm(tmp_path / "config.json", QuantizationConfig(), init="random")
+    quantized = [m for m in model.modules() if is_4bit_linear(m)]
+    assert len(quantized) == 14 and type(model.lm_head) is torch.nn.Linear
+    plan = plan_memory(config, quantization=QuantizationConfig())
+    resident = plan.quantized_weights + plan.unquantized_weights
+    # the process never held the fp32 (nor the bf16) model: the 4-bit model plus about one layer at a time
+    one_layer = 2 * 1024 * 1024 * 4  # a bf16 draw and bitsandbytes' fp32 copy while quantizing it
+    assert tracker.peak < resident + 2 * one_layer < fp_model_bytes / 2
+    weight = dequantize_weight(quantized[5])
+    assert weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    assert abs(weight.mean().item()) < 1e-3
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    ids = torch.randint(4, 512, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    assert math.log(512) - 0.5 < loss.item() < math.log(512) + 0.5  # near-uniform predictions from a random model
+
+
+def test_random_init_std_tied_head_and_unquantized(tmp_path):
+    from conftest import tiny_llama_config
+
+    tiny_llama_config(tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = load_causal_lm(tmp_path, QuantizationConfig(), init="random", init_std=0.2)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert dequantize_weight(model.model.layers[0].mlp.up_proj).std().item() == pytest.approx(0.2, rel=0.05)
+    plain = load_causal_lm(tmp_path, None, init="random", init_std=0.2, dtype=torch.float32)
+    assert plain.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.2, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [({"init": "zeros"}, "init='zeros' is not supported"), ({"init": "checkpoint"}, "config file without weights"),
+     ({"init": "random", "init_std": 0.0}, "must be a positive number")],
+)  # fmt: skip
+def test_random_init_bad_input_is_one_line(tmp_path, kwargs, fragment):
+    from conftest import tiny_llama_config
+
+    tiny_llama_config().save_pretrained(tmp_path)
+    with pytest.raises(ModelSourceError) as err:
+        load_causal_lm(tmp_path / "config.json", QuantizationConfig(), **kwargs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_json_resolves_as_a_source(tmp_path):
+    from conftest import tiny_llama_config
+
+    tiny_llama_config().save_pretrained(tmp_path)
+    assert resolve_model_dir(tmp_path / "config.json") == tmp_path / "config.json"
+    with pytest.raises(ModelSourceError, match="has no model.safetensors"):
+        load_causal_lm(tmp_path, QuantizationConfig())

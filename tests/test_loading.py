@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaForCausalLM
 
 from lightning_qlora import LoRA, NF4Precision
+from lightning_qlora.footprint import measure_footprint
 from lightning_qlora.loading import deferred_layers, finalize_deferred, load_safetensors
 from lightning_qlora.lora import LoRALinear
 from lightning_qlora.quantization import is_4bit_linear, quantize_model
@@ -274,3 +275,62 @@ def test_load_safetensors_bad_files_are_one_line_errors(tmp_path):
     _one_line_error(
         lambda: load_safetensors(model, [wrong]), "wrong.safetensors", "size mismatch", "(64, 128)", "architecture"
     )
+
+
+# ----------------------------------------------------------------------------- random init and bounded peaks
+def test_materialize_random_fills_each_shell_once_deterministically():
+    from lightning_qlora.loading import materialize_random
+
+    bits = []
+    for _ in range(2):
+        plugin = NF4Precision()
+        with plugin.module_init_context():
+            model = LlamaForCausalLM(tiny_llama_config())
+        filled = materialize_random(model, 0.05, torch.Generator().manual_seed(3))
+        assert len(filled) == 15 and filled[-1] == "lm_head"  # 14 projections + the head (kept full precision)
+        assert materialize_random(model, 0.05) == []  # nothing left empty: idempotent
+        plugin.convert_module(model)
+        assert type(model.lm_head) is nn.Linear and model.lm_head.weight.std().item() == pytest.approx(0.05, rel=0.1)
+        bits.append(model.model.layers[1].self_attn.o_proj.weight.data.clone())
+    assert torch.equal(bits[0], bits[1])
+    with pytest.raises(ValueError, match="must be a positive number"):
+        materialize_random(model, -1.0)
+
+
+def test_checkpoint_load_peak_is_the_4bit_model_plus_about_one_layer(tmp_path):
+    from lightning_qlora.hub import load_causal_lm
+    from lightning_qlora.memory_tracker import LiveTensorTracker
+    from lightning_qlora.quantization import QuantizationConfig
+
+    config = tiny_llama_config(hidden_size=512, intermediate_size=1024, num_hidden_layers=3)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 safetensors, 3 layers
+    fp32_linears = 3 * 4 * (4 * 512 * 512 + 3 * 512 * 1024)
+    largest = 4 * 512 * 1024
+    with LiveTensorTracker() as tracker:
+        model = load_causal_lm(tmp_path, QuantizationConfig())
+    footprint = measure_footprint(model)
+    assert tracker.current <= footprint.total_bytes + 4096  # what stays is the model (plus rotary buffers)
+    assert tracker.peak < footprint.total_bytes + 3 * largest < fp32_linears / 2
+
+
+def test_causal_lm_random_init_trains_from_a_config_json(tmp_path):
+    from lightning_qlora.model import CausalLM
+
+    tiny_llama_config().save_pretrained(tmp_path)
+    module = CausalLM(model=str(tmp_path / "config.json"), init="random", lr=1e-3)
+    ids = torch.randint(4, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader([{"input_ids": ids, "labels": ids}], batch_size=None)
+    trainer = L.Trainer(
+        plugins=[NF4Precision()],
+        callbacks=[LoRA(r=4, dropout=0.0)],
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, loader)
+    assert sum(is_4bit_linear(m) for m in module.modules()) == 14
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    with pytest.raises(ValueError, match="init='zeros'"):
+        CausalLM(model=str(tmp_path), init="zeros")

@@ -245,3 +245,38 @@ def test_trainable_modules_never_unfreeze_4bit_weights():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"model.layers.{i}.self_attn.q_proj.lora_{m}" for i in range(2) for m in "AB"}
     assert count == 2 * 4 * (64 + 64)
+
+
+# ------------------------------------------------------------------------------------------- fused path
+def test_fused_is_a_documented_config_switch():
+    assert LoRAConfig().fused is True and LoRAConfig(fused=False).to_dict()["fused"] is False
+    assert LoRALinear(nn.Linear(64, 64), r=4, alpha=8).fused
+    assert not LoRALinear(nn.Linear(64, 64), r=4, alpha=8, fused=False).fused
+
+
+def test_fused_and_plain_paths_train_a_4bit_llama_alike():
+    """Whole model, NF4 base, bf16 autocast, dropout 0.1, non-reentrant checkpointing: same loss and adapter grads."""
+    model = build_tiny_llama()
+    quantize_model(model, QuantizationConfig())
+    inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.1))
+    mark_only_lora_trainable(model)
+    randomize_b(model, std=0.05)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fused):
+        for _, layer in lora_modules(model):
+            layer.fused = fused
+        torch.manual_seed(7)  # the same dropout masks on both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    fused_loss, fused_grads = loss_and_grads(True)
+    plain_loss, plain_grads = loss_and_grads(False)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=2**-7, atol=0)
+    num = sum(float((f - p).norm() ** 2) for f, p in zip(fused_grads, plain_grads)) ** 0.5
+    den = sum(float(p.norm() ** 2) for p in plain_grads) ** 0.5
+    assert den > 0 and num / den < 2**-6, num / den

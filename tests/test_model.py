@@ -66,3 +66,50 @@ def test_warmup_then_constant(tiny_llama_dir):
         opt.step()
         sched.step()
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+# ------------------------------------------------------------------------------------------ chunked loss
+def _batch(pad: bool = True):
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, -3:] = 0
+        labels[1, -3:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_chunked_loss_is_the_default_and_matches_the_models_own_loss(tiny_llama_dir):
+    assert CausalLM(model=str(tiny_llama_dir)).hparams.loss_chunk_size == 4096
+    module = CausalLM(model=str(tiny_llama_dir), dtype="fp32", loss_chunk_size=8)
+    module.configure_model()
+    batch = _batch()
+    head = module.model.lm_head.weight.requires_grad_(True)
+    ours, tokens = module._loss(batch)
+    (ours_grad,) = torch.autograd.grad(ours, head)
+    module.hparams.loss_chunk_size = None
+    theirs, tokens_hf = module._loss(batch)
+    (their_grad,) = torch.autograd.grad(theirs, head)
+    assert int(tokens) == int(tokens_hf) == 2 * 15 - 3
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_grad, their_grad, rtol=1e-4, atol=1e-6)
+    direct = module.model(**batch).loss
+    torch.testing.assert_close(ours, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_models_that_post_process_logits_fall_back_with_a_warning(tiny_llama_dir):
+    module = CausalLM(model=str(tiny_llama_dir), dtype="fp32", loss_chunk_size=8)
+    module.configure_model()
+    module.model.config.final_logit_softcapping = 30.0  # what Gemma 2 does after its head
+    batch = _batch(pad=False)
+    with pytest.warns(UserWarning, match=r"loss_chunk_size=8 ignored.*final_logit_softcapping=30.0"):
+        loss, _ = module._loss(batch)
+    assert torch.equal(loss, module.model(**batch).loss)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_loss_chunk_size_is_a_one_line_error(tiny_llama_dir, bad):
+    with pytest.raises(ValueError, match=rf"loss_chunk_size={bad!r}.*positive int") as err:
+        CausalLM(model=str(tiny_llama_dir), loss_chunk_size=bad)
+    assert "\n" not in str(err.value)

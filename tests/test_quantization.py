@@ -345,11 +345,13 @@ def _loader():
     return DataLoader(data, batch_size=8)
 
 
-def _grads_after_fit(net: nn.Module, with_validation: bool, plugins: list) -> list[dict[str, torch.Tensor]]:
+def _grads_after_fit(
+    net: nn.Module, with_validation: bool, plugins: list, fused: bool = True
+) -> list[dict[str, torch.Tensor]]:
     recorder = GradRecorder()
     trainer = L.Trainer(
         plugins=plugins,
-        callbacks=[LoRA(r=4, alpha=8, dropout=0.0), recorder],
+        callbacks=[LoRA(r=4, alpha=8, dropout=0.0, fused=fused), recorder],
         max_steps=2,
         num_sanity_val_steps=1 if with_validation else 0,
         limit_val_batches=1 if with_validation else 0,
@@ -392,14 +394,22 @@ def test_validation_pass_leaves_lora_gradients_exactly_unchanged():
 
 @needs_repacking_cpu
 def test_nf4precision_guards_bitsandbytes_own_layers_in_a_trainer():
-    """Without the plugin a validation pass corrupts training of a plain bitsandbytes model; with it, it does not."""
-    reference = _grads_after_fit(_bnb_mlp(), with_validation=False, plugins=[])
+    """Without the plugin a validation pass corrupts training of a plain bitsandbytes model through bitsandbytes' own
+    forward (the plain LoRA path); with the plugin, or with the fused LoRA path, it does not."""
+    reference = _grads_after_fit(_bnb_mlp(), with_validation=False, plugins=[], fused=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        corrupted = _grads_after_fit(_bnb_mlp(), with_validation=True, plugins=[])
+        corrupted = _grads_after_fit(_bnb_mlp(), with_validation=True, plugins=[], fused=False)
+        fused = _grads_after_fit(_bnb_mlp(), with_validation=True, plugins=[], fused=True)
     # after the sanity-check pass repacked fc2, no gradient flows back through it: fc1's adapter gets zeros
     assert reference[0]["net.fc1.lora_B"].abs().sum() > 0
     assert torch.count_nonzero(corrupted[0].get("net.fc1.lora_B", torch.zeros(1))) == 0
+    # the fused function restores the canonical packing before it dequantizes, whatever bitsandbytes did
+    fused_reference = _grads_after_fit(_bnb_mlp(), with_validation=False, plugins=[], fused=True)
+    assert torch.count_nonzero(fused[0]["net.fc1.lora_B"]) > 0
+    for ref, step in zip(fused_reference, fused):  # close, not equal: undoing the repack re-rounds absmax via bf16
+        for name in ref:
+            torch.testing.assert_close(step[name], ref[name], rtol=0, atol=1e-2 * float(ref[name].abs().max()))
     guarded = _grads_after_fit(_bnb_mlp(), with_validation=True, plugins=[NF4Precision()])
     guarded_reference = _grads_after_fit(_bnb_mlp(), with_validation=False, plugins=[NF4Precision()])
     for ref, step in zip(guarded_reference, guarded):

@@ -60,11 +60,16 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), (key, (a[key] - b[key]).abs().max())
 
 
+def val_history(stdout: str) -> list:
+    return json.loads(stdout.split("val_history=")[1].splitlines()[0])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(workload) -> dict[str, torch.Tensor]:
     done = run_worker(workload, "baseline")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"finished at step {MAX_STEPS}" in done.stdout
+    workload["val_history"] = val_history(done.stdout)
     return adapter(workload["root"] / "baseline")
 
 
@@ -90,6 +95,8 @@ def test_killed_four_times_then_resumed_gives_the_same_adapter_bits(workload, un
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"finished at step {MAX_STEPS}" in done.stdout
     assert_bit_identical(adapter(root), uninterrupted)
+    # validation ran at the same steps with the same losses, and the history survived four restarts
+    assert val_history(done.stdout) == workload["val_history"] and len(workload["val_history"]) >= 3
     before = adapter(workload["root"] / "baseline")  # and training moved the adapter away from B = 0
     assert any(k.endswith("lora_B.weight") and before[k].abs().max() > 0 for k in before)
 

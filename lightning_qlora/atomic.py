@@ -114,17 +114,23 @@ def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool])
 # ------------------------------------------------------------------------------------------------------- export
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``; returns the path.
+TEMP_MARK = ".tmp-"
+"""Temp files are named ``.<name>.tmp-<pid>-<random>``: hidden, and never ending like the file they replace."""
 
-    A crash leaves either the old file or the new one, never a mix; on error the temp file is removed.
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``; returns the path.
+
+    A crash leaves either the old file or the new one, never a mix; on error the temp file is removed. The file
+    gets the usual permissions (``0666`` minus the umask), not the temp file's ``0600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -133,3 +139,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         raise
     fsync_path(path.parent, directory=True)  # make the rename itself durable
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from lightning_qlora.atomic import fsync_path
+from lightning_qlora.atomic import TEMP_MARK, atomic_write_bytes, fsync_path
 
 log = logging.getLogger(__name__)
-TEMP_MARK = ".tmp-"
-"""Temp checkpoints are named ``.<name>.tmp-<pid>-<random>``: never ``*.ckpt``, so ``ckpt_path="last"`` skips them."""
 
 
 class CheckpointLoadError(ValueError):
@@ -66,7 +63,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         remove_stale_temp_files(path.parent, self.stale_after_s)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a failure here touches no file
-        write_bytes_atomic(path, buffer.getbuffer())
+        atomic_write_bytes(path, buffer.getbuffer())  # temp names never end in .ckpt: `last` skips them
 
     @override
     def load_checkpoint(
@@ -91,28 +88,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             shutil.rmtree(path)
             return
         Path(path).unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``; fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would differ from a plainly written file
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent, directory=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def remove_stale_temp_files(folder: Path, older_than_s: float) -> list[Path]:

@@ -159,19 +159,18 @@ def run_ddp(cfg: dict, out: Path, rank: int) -> dict:
     }
 
 
-def run_fsdp(cfg: dict, out: Path, rank: int) -> dict:
-    from lightning_qlora.fsdp import QLoRAFSDPStrategy
+def run_sharded(cfg: dict, out: Path, rank: int, name: str, make_strategy) -> dict:
+    """Train 3 steps under a sharded strategy with sharded checkpoints, then resume to step 5 from the last one."""
 
     def fit(max_steps: int, ckpt_path: str | None, callbacks: list) -> tuple[pl.Trainer, CausalLM, Record]:
         record = Record(seed=100)
-        export = str(out / "fsdp_peft") if ckpt_path is None else None  # the first run's adapters are checked
+        export = str(out / f"{name}_peft") if ckpt_path is None else None  # the first run's adapters are checked
         lora = LoRA(r=8, alpha=16, dropout=0.0, export_dir=export)
-        strategy = QLoRAFSDPStrategy(state_dict_type="sharded")
         trainer = pl.Trainer(
             **trainer_kwargs(
                 out,
                 max_steps=max_steps,
-                strategy=strategy,
+                strategy=make_strategy(),
                 plugins=[NF4Precision(quant_storage="bf16")],
                 callbacks=[lora, record, *callbacks],
                 enable_checkpointing=bool(callbacks),
@@ -181,7 +180,7 @@ def run_fsdp(cfg: dict, out: Path, rank: int) -> dict:
         trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2), ckpt_path=ckpt_path)
         return trainer, module, record
 
-    ckpt = ModelCheckpoint(dirpath=out / "fsdp_ckpt", filename="sharded-{step}")
+    ckpt = ModelCheckpoint(dirpath=out / f"{name}_ckpt", filename="sharded-{step}")
     trainer, module, record = fit(3, None, [ckpt])
     optimizer = trainer.strategy.optimizers[0]
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
@@ -201,10 +200,20 @@ def run_fsdp(cfg: dict, out: Path, rank: int) -> dict:
         "resumed_start_adapters": record2.start_adapters,
         "resumed_losses": record2.losses,
         "resumed_global_step": trainer2.global_step,
-        "resumed_optimizer_step": int(
-            next(iter(trainer2.strategy.optimizers[0].state.values()))["step"]
-        ),
+        "resumed_optimizer_step": int(next(iter(trainer2.strategy.optimizers[0].state.values()))["step"]),
     }
+
+
+def run_fsdp(cfg: dict, out: Path, rank: int) -> dict:
+    from lightning_qlora.fsdp import QLoRAFSDPStrategy
+
+    return run_sharded(cfg, out, rank, "fsdp", lambda: QLoRAFSDPStrategy(state_dict_type="sharded"))
+
+
+def run_fsdp2(cfg: dict, out: Path, rank: int) -> dict:
+    from lightning_qlora.fsdp2 import QLoRAFSDP2Strategy
+
+    return run_sharded(cfg, out, rank, "fsdp2", QLoRAFSDP2Strategy)
 
 
 def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
@@ -268,51 +277,6 @@ def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
     result["fsdp2_forward_max_err"] = float((got - expected).abs().max())
     result["reference_dequant_absmax"] = float(max(r.abs().max() for r in reference))
     return result
-
-
-def run_fsdp2(cfg: dict, out: Path, rank: int) -> dict:
-    from lightning_qlora.fsdp2 import QLoRAFSDP2Strategy
-
-    def fit(max_steps: int, ckpt_path: str | None, callbacks: list) -> tuple[pl.Trainer, CausalLM, Record]:
-        record = Record(seed=100)
-        export = str(out / "fsdp2_peft") if ckpt_path is None else None  # the first run's adapters are checked
-        lora = LoRA(r=8, alpha=16, dropout=0.0, export_dir=export)
-        trainer = pl.Trainer(
-            **trainer_kwargs(
-                out,
-                max_steps=max_steps,
-                strategy=QLoRAFSDP2Strategy(),
-                plugins=[NF4Precision(quant_storage="bf16")],
-                callbacks=[lora, record, *callbacks],
-                enable_checkpointing=bool(callbacks),
-            )
-        )
-        module = CausalLM(model=cfg["model_dir"], dtype="bf16", lr=1e-3)
-        trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2), ckpt_path=ckpt_path)
-        return trainer, module, record
-
-    ckpt = ModelCheckpoint(dirpath=out / "fsdp2_ckpt", filename="sharded-{step}")
-    trainer, module, record = fit(3, None, [ckpt])
-    optimizer = trainer.strategy.optimizers[0]
-    trainable = {id(p) for p in module.parameters() if p.requires_grad}
-    first = {
-        "losses": record.losses,
-        "grad_squares": record.grad_squares,
-        "after_wrap": record.start_adapters,
-        "state_params_all_trainable": all(id(p) in trainable for p in optimizer.state),
-        "state_params": len(optimizer.state),
-        "trainable_params": len(trainable),
-        "ckpt": str(ckpt.last_model_path or ckpt.best_model_path),
-        "end_adapters": full_adapter_sums(trainer, module),
-    }
-    trainer2, module2, record2 = fit(5, first["ckpt"], [])
-    return {
-        **first,
-        "resumed_start_adapters": record2.start_adapters,
-        "resumed_losses": record2.losses,
-        "resumed_global_step": trainer2.global_step,
-        "resumed_optimizer_step": int(next(iter(trainer2.strategy.optimizers[0].state.values()))["step"]),
-    }
 
 
 SCENARIOS = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp2": run_fsdp2, "collectives": run_collectives}

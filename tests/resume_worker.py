@@ -50,7 +50,7 @@ def patch_saves(phase: str, step: int) -> None:
     complete and fsynced) or halfway through writing its bytes (``write``)."""
     import lightning_qlora.checkpoint_io as cio
 
-    original = cio.write_bytes_atomic
+    original = cio.atomic_write_bytes
     state = {"step": -1}
     save_checkpoint = cio.AtomicCheckpointIO.save_checkpoint
 
@@ -68,7 +68,7 @@ def patch_saves(phase: str, step: int) -> None:
         original(path, data)
 
     cio.AtomicCheckpointIO.save_checkpoint = save
-    cio.write_bytes_atomic = write
+    cio.atomic_write_bytes = write
 
 
 def main(spec_path: str) -> None:

@@ -139,7 +139,9 @@ def _first_non_finite_grad(module: torch.nn.Module) -> str | None:
 
 
 def oom_advice(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: tuple[int, ...] | None) -> list[str]:
-    """What to change after an out-of-memory error, most effective first, from the run's current settings.
+    """What to change after an out-of-memory error, from the memory planner or the run's current settings.
+
+    The planner's advice (each change with the peak it leads to) is used when it knows the model.
 
     Args:
         trainer: the trainer that ran out of memory.
@@ -151,6 +153,9 @@ def oom_advice(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: 
     """
     from lightning_qlora.callback import LoRA
 
+    planned = _planner_advice(trainer, pl_module, batch_shape)
+    if planned:
+        return planned
     advice = []
     lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoRA)), None)  # type: ignore[attr-defined]
     if lora is not None and not lora.gradient_checkpointing:
@@ -169,6 +174,29 @@ def oom_advice(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: 
         advice.append(f"shorten sequences (max_length below {batch_shape[1]})")
     advice.append("plan it first: lightning-qlora memory --config <recipe.yaml>")
     return advice
+
+
+def _planner_advice(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: tuple[int, ...] | None
+) -> list[str]:
+    """The memory planner's suggestions for this run, aimed below both the device and the planned peak."""
+    if not batch_shape or len(batch_shape) != 2:
+        return []
+    from lightning_qlora.summary import plan_for_run
+
+    plan = plan_for_run(trainer, pl_module, (int(batch_shape[0]), int(batch_shape[1])))
+    if plan is None:
+        return []
+    budget = int(plan.peak * 0.9)  # it ran out, so aim below what was planned
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory)
+    tips = plan.advice(budget)
+    return [f"(planned peak {_size(plan.peak)}) {tips[0]}", *tips[1:]] if tips else []
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class OutOfMemoryAdvice(Callback):

@@ -15,7 +15,7 @@ import yaml
 from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision, PagedOptimizerStrategy
 from lightning_qlora.checkpoint_io import ResumableCheckpoint
 from lightning_qlora.cli import main
-from lightning_qlora.guards import NonFiniteError, NonFiniteGuard, OutOfMemoryAdvice, check_finite_tensors
+from lightning_qlora.guards import NonFiniteError, NonFiniteGuard, OutOfMemoryAdvice, check_finite_tensors, oom_advice
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules
 from lightning_qlora.peft_format import export_peft
 
@@ -31,6 +31,14 @@ class PoisonedLM(CausalLM):
         if any(w.endswith(f"line {POISON_LINE}") for w in wheres):
             loss = loss * float("nan")
         return loss
+
+
+class _Bare:
+    """A trainer stand-in with no callbacks, optimizers or model the planner knows."""
+
+    callbacks: list = []
+    optimizers: list = []
+    accumulate_grad_batches = 1
 
 
 class OutOfMemoryLM(CausalLM):
@@ -160,8 +168,10 @@ def test_out_of_memory_gets_advice_as_a_note(tiny_llama_dir, rows, tmp_path):
         fit(OutOfMemoryLM, tiny_llama_dir, rows, tmp_path, NonFiniteGuard(), callbacks=[advice])
     assert advice.message is not None and "\n" not in advice.message
     assert advice.message.startswith("out of memory at step 2 (batch 2x")
-    assert "gradient checkpointing" in advice.message and "batch_size=1" in advice.message
-    assert "accumulate_grad_batches=2" in advice.message and "paged_adamw_8bit" in advice.message
+    assert "(planned peak " in advice.message and "turn gradient checkpointing on" in advice.message
+    assert "batch 2 -> 1 with accumulate_grad_batches=2: peak" in advice.message  # the planner's numbers
+    plain = oom_advice(_Bare(), None, (2, 64))  # a model the planner does not know: advice from the settings
+    assert plain[0].startswith("halve the micro-batch (batch_size=1)") and "paged_adamw_8bit" in plain[1]
     assert any(advice.message in note for note in getattr(err.value, "__notes__", [advice.message]))
 
 
@@ -186,7 +196,7 @@ def test_cli_prints_one_line_advice_on_out_of_memory(tiny_llama_dir, rows, tmp_p
     assert exit_.value.code == 1
     lines = [line for line in err.splitlines() if line.startswith("lightning-qlora: error:")]
     assert len(lines) == 1 and "Traceback" not in err
-    assert "out of memory at step 2 (batch 4x" in lines[0] and "batch_size=2" in lines[0]
+    assert "out of memory at step 2 (batch 4x" in lines[0] and "batch 4 -> " in lines[0]
 
 
 def test_lora_callback_makes_lightning_checkpoints_atomic_and_weights_only(tiny_mlp, tmp_path):

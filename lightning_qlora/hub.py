@@ -193,7 +193,13 @@ def load_config(source: Any, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
         where = path if path.is_file() else path / "config.json"
-        raise ModelSourceError(f"{where} cannot be read as a transformers config ({err})") from err
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ModelSourceError(
+                f"{where} needs custom model code from that folder (auto_map), which is not run unless you allow it: "
+                "pass trust_remote_code=True (CausalLM(trust_remote_code=True)) only if you trust its source"
+            ) from None
+        reason = " ".join(str(err).split())[:300]
+        raise ModelSourceError(f"{where} cannot be read as a transformers config ({reason})") from err
 
 
 def load_causal_lm(

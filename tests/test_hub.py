@@ -174,3 +174,23 @@ def test_config_json_resolves_as_a_source(tmp_path):
     assert resolve_model_dir(tmp_path / "config.json") == tmp_path / "config.json"
     with pytest.raises(ModelSourceError, match="has no model.safetensors"):
         load_causal_lm(tmp_path, QuantizationConfig())
+
+
+def test_custom_model_code_is_never_run_without_trust_remote_code(tmp_path):
+    from lightning_qlora import CausalLM
+    from lightning_qlora.hub import ModelSourceError, load_causal_lm
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "evil_model", "architectures": ["EvilModel"], "auto_map": '
+        '{"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}}'
+    )
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n"
+    code += "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_model'\n"
+    (tmp_path / "configuration_evil.py").write_text(code)
+    (tmp_path / "modeling_evil.py").write_text(code)
+    assert CausalLM(model=str(tmp_path)).hparams.trust_remote_code is False
+    with pytest.raises(ModelSourceError, match="trust_remote_code=True") as err:
+        load_causal_lm(tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path / "config.json") in str(err.value)
+    assert not marker.exists()

@@ -83,9 +83,12 @@ def is_resumable(trainer: pl.Trainer) -> bool:
     return loader is not None and all(isinstance(dl, _Stateful) for dl in loader.flattened)
 
 
-def step_seed(seed: int, epoch: int, batch_idx: int) -> int:
-    """The seed of one training batch: a fixed mix of the run seed, the epoch and the batch index."""
-    return (seed * 1_000_003 + epoch * 10_007 + batch_idx) % (2**63 - 1)
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
+    """The seed of one training batch: a fixed mix of the run seed, epoch, batch index and process rank.
+
+    The rank term gives data-parallel ranks different dropout masks; it is 0 in a single process.
+    """
+    return (seed * 1_000_003 + epoch * 10_007 + batch_idx + rank * 1_000_000_007) % (2**63 - 1)
 
 
 class ExactResume(Callback):
@@ -124,7 +127,7 @@ class ExactResume(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        seed = step_seed(self._run_seed(), trainer.current_epoch, idx)
+        seed = step_seed(self._run_seed(), trainer.current_epoch, idx, trainer.global_rank)
         torch.manual_seed(seed)  # all devices
         random.seed(seed)
         try:

@@ -15,7 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.activation_checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
-from lightning_qlora.fingerprint import describe_mismatch, fingerprint_digest, fingerprint_parts
+from lightning_qlora.fingerprint import codes_pending, describe_mismatch, fingerprint_digest, fingerprint_parts
 from lightning_qlora.guards import check_finite_tensors
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 
@@ -97,6 +97,7 @@ class LoRA(Callback):
         self.export_dir = export_dir
         self.injected: list[str] = []
         self._checked: dict | None = None  # the checkpoint dict last checked against this base
+        self._codes_to_check: dict | None = None  # its base parts, when the 4-bit codes can only be compared later
         self.trainable_params = 0
 
     # ----------------------------------------------------------------- injection
@@ -156,6 +157,7 @@ class LoRA(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_codes(trainer, pl_module)
         # transformers' from_pretrained returns eval mode, which silently turns its checkpointing (and dropout) off
         pl_module.train()
 
@@ -175,6 +177,23 @@ class LoRA(Callback):
         parts = self.fingerprint_parts(trainer, pl_module)
         check_checkpoint_matches(checkpoint, pl_module, fingerprint_digest(parts), self.config, parts)
         self._checked = checkpoint
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("base")
+        # a base built in __init__ is quantized after Lightning restores: compare its 4-bit codes before training
+        self._codes_to_check = saved if saved is not None and codes_pending(saved, parts) else None
+
+    def _check_codes(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        saved, self._codes_to_check = self._codes_to_check, None
+        if saved is not None:
+            cause = describe_mismatch(saved, self.fingerprint_parts(trainer, pl_module))
+            if cause is not None:
+                raise ValueError(
+                    f"checkpoint does not belong to this base model: {cause}; resume with the same base model and "
+                    "NF4Precision settings as the run that wrote it"
+                )
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_codes(trainer, pl_module)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

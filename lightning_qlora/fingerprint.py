@@ -1,10 +1,12 @@
 """A fingerprint of the frozen base model, stored in checkpoints so adapters are never resumed onto another base.
 
-:func:`fingerprint_parts` describes the base in three parts: the architecture (every base parameter's name and
-logical shape), the quantization settings, and one digest per frozen full-precision tensor (embeddings, norms,
-biases, unquantized heads) over a sample of its values rounded to bf16, so the same base loaded in fp32 or bf16
-matches before and after 4-bit conversion. Keeping the parts apart lets a mismatch be named and tensors that are not
-loaded yet be left out; :func:`fingerprint_digest` is the short hex digest of the parts.
+:func:`fingerprint_parts` describes the base in four parts: the architecture (every base parameter's name and
+logical shape), the quantization settings, one digest per frozen full-precision tensor (embeddings, norms, biases,
+unquantized heads) over a sample of its values rounded to bf16, so the same base loaded in fp32 or bf16 matches
+before and after 4-bit conversion, and one digest per 4-bit weight over a sample of its packed codes (compared once
+both sides are quantized: a base merged with another adapter keeps its embeddings and norms, not its codes).
+Keeping the parts apart lets a mismatch be named and tensors that are not loaded yet be left out;
+:func:`fingerprint_digest` is the short hex digest of the parts.
 """
 
 from __future__ import annotations
@@ -66,13 +68,44 @@ def frozen_value_digests(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def quantized_code_digests(model: nn.Module) -> dict[str, str]:
+    """One digest per 4-bit weight over a sample of its packed codes (the bytes bitsandbytes stores).
+
+    Layers not quantized yet (full-precision weights before the plugin converts them, meta shells) are left out.
+    """
+    import bitsandbytes as bnb
+
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, bnb.nn.Params4bit) or weight.device.type == "meta":
+            continue
+        codes = weight.detach().reshape(-1).view(torch.uint8) if weight.is_contiguous() else None
+        if codes is None:
+            continue
+        stride = max(1, codes.numel() // _SAMPLE)
+        sample = codes[::stride][:_SAMPLE].to("cpu")
+        out[f"{name}.weight".replace(".base_layer.", ".")] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    return out
+
+
 def fingerprint_parts(model: nn.Module, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The base model's identity in parts: ``architecture`` (name -> logical shape), ``quantization``, ``values``."""
+    """The base model's identity in parts.
+
+    ``architecture`` (name -> logical shape), ``quantization``, ``values`` (frozen full-precision tensors) and
+    ``codes`` (4-bit weights, once quantized).
+    """
     return {
         "architecture": {name: list(shape) for name, shape in sorted(_logical_shapes(model).items())},
         "quantization": dict(quantization) if quantization else None,
         "values": frozen_value_digests(model),
+        "codes": quantized_code_digests(model),
     }
+
+
+def codes_pending(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether ``saved`` has 4-bit code digests that ``current`` cannot be compared with yet (not quantized)."""
+    return bool(saved.get("codes")) and not set(saved["codes"]) & set(current.get("codes") or {})
 
 
 def fingerprint_digest(parts: dict[str, Any]) -> str:
@@ -112,4 +145,11 @@ def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | N
     differ = [k for k in old_values if k in new_values and old_values[k] != new_values[k]]
     if differ:
         return f"it was written for a base model with other weights ({len(differ)} tensors differ, e.g. {differ[0]})"
+    old_codes, new_codes = saved.get("codes") or {}, current.get("codes") or {}
+    differ = [k for k in old_codes if k in new_codes and old_codes[k] != new_codes[k]]
+    if differ:
+        return (
+            f"it was written for a base model with other 4-bit weights ({len(differ)} layers differ, e.g. "
+            f"{differ[0]}; a merged or re-quantized copy?)"
+        )
     return None

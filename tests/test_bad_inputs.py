@@ -321,6 +321,29 @@ def checkpoint_from_another_base(w):
     return ["fit", "--config", recipe(w), f"--ckpt_path={w / 'cases' / 'replaced-ckpts' / 'last.ckpt'}"], "base model"
 
 
+def checkpoint_from_a_merged_base(w):
+    # same embeddings and norms, other linear weights (as after merging another adapter): told apart by 4-bit codes
+    base = copy_model(w, "merged-base")
+
+    def elsewhere(c):
+        callback(c, "LoRA")["init_args"]["export_dir"] = str(w / "cases" / "merged-adapter")
+        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(w / "cases" / "merged-ckpts")
+        c["trainer"]["default_root_dir"] = str(w / "cases" / "merged-run")
+        c["model"]["init_args"]["model"] = str(base)
+
+    setup = recipe(w, elsewhere)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["lightning-qlora"])
+        main(["fit", "--config", setup, "--trainer.max_steps=1"])
+    tensors = load_file(base / "model.safetensors")
+    for key in [k for k in tensors if k.endswith("q_proj.weight")]:
+        tensors[key] = tensors[key] + 0.05 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(0))
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    return ["fit", "--config", recipe(w), f"--ckpt_path={w / 'cases' / 'merged-ckpts' / 'last.ckpt'}"], (
+        "other 4-bit weights"
+    )
+
+
 def checkpoint_with_other_lora_rank(w):
     def edit(c):
         callback(c, "LoRA")["init_args"]["r"] = 16
@@ -344,7 +367,8 @@ CASES = [
     model_config_not_json, truncated_safetensors, safetensors_with_wrong_shapes, gguf_that_is_not_gguf,
     evaluate_adapter_missing, evaluate_adapter_wrong_shapes, evaluate_adapter_config_broken, evaluate_unknown_task,
     evaluate_mmlu_path_missing, checkpoint_missing, checkpoint_truncated, checkpoint_not_a_checkpoint,
-    checkpoint_with_pickled_code, checkpoint_from_another_base, checkpoint_with_other_lora_rank,
+    checkpoint_with_pickled_code, checkpoint_from_another_base, checkpoint_from_a_merged_base,
+    checkpoint_with_other_lora_rank,
     resume_with_other_quantization,
 ]  # fmt: skip
 

@@ -223,6 +223,27 @@ def test_checkpoint_from_a_base_with_other_weights_is_refused(trained):
     assert "model.embed_tokens.weight" in message and "same base model" in message
 
 
+def test_checkpoint_from_a_base_with_other_linear_weights_only_is_refused(trained):
+    """A base merged with another adapter keeps embeddings and norms: its 4-bit codes tell it apart."""
+    _, path = trained
+    merged = LM()
+    with torch.no_grad():
+        for layer in merged.model.model.layers:
+            layer.self_attn.q_proj.weight.add_(0.05 * torch.randn_like(layer.self_attn.q_proj.weight))
+    started = []
+
+    class Started(L.Callback):
+        def on_train_batch_start(self, *args):
+            started.append(True)
+
+    trainer = make_trainer(callbacks=[LoRA(r=4, alpha=8, dropout=0.0), Started()], steps=6)
+    with pytest.raises(ValueError) as err:
+        trainer.fit(merged, token_loader(), ckpt_path=path)
+    message = str(err.value)
+    assert "\n" not in message and "other 4-bit weights" in message and "q_proj.weight" in message
+    assert not started  # refused before any step
+
+
 def test_checkpoint_from_another_architecture_is_refused_before_loading(trained):
     _, path = trained
     message = _refusal(path, LM(intermediate_size=192))  # torch would fail with a multi-line size mismatch

@@ -303,45 +303,37 @@ def checkpoint_with_pickled_code(w):
     return ["fit", "--config", recipe(w), f"--ckpt_path={path}"], "pickled.ckpt"
 
 
-def checkpoint_from_another_base(w):
-    # the CLI takes the model's arguments from the checkpoint, so "another base" means other weights at that path
-    base = copy_model(w, "replaced-base")
+def checkpoint_on_a_copy(w, name: str) -> tuple[Path, Path]:
+    """Train 1 step on a copy of the base in cases/<name>-base; returns the copy and its last.ckpt."""
+    base = copy_model(w, f"{name}-base")
 
     def elsewhere(c):
-        callback(c, "LoRA")["init_args"]["export_dir"] = str(w / "cases" / "replaced-adapter")
-        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(w / "cases" / "replaced-ckpts")
-        c["trainer"]["default_root_dir"] = str(w / "cases" / "replaced-run")
+        callback(c, "LoRA")["init_args"]["export_dir"] = str(w / "cases" / f"{name}-adapter")
+        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(w / "cases" / f"{name}-ckpts")
+        c["trainer"]["default_root_dir"] = str(w / "cases" / f"{name}-run")
         c["model"]["init_args"]["model"] = str(base)
 
-    setup = recipe(w, elsewhere)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["lightning-qlora"])
-        main(["fit", "--config", setup, "--trainer.max_steps=1"])
+        main(["fit", "--config", recipe(w, elsewhere), "--trainer.max_steps=1"])
+    return base, w / "cases" / f"{name}-ckpts" / "last.ckpt"
+
+
+def checkpoint_from_another_base(w):
+    # the CLI takes the model's arguments from the checkpoint, so "another base" means other weights at that path
+    base, ckpt = checkpoint_on_a_copy(w, "replaced")
     build_tiny_llama(seed=1).save_pretrained(base)
-    return ["fit", "--config", recipe(w), f"--ckpt_path={w / 'cases' / 'replaced-ckpts' / 'last.ckpt'}"], "base model"
+    return ["fit", "--config", recipe(w), f"--ckpt_path={ckpt}"], "base model"
 
 
 def checkpoint_from_a_merged_base(w):
     # same embeddings and norms, other linear weights (as after merging another adapter): told apart by 4-bit codes
-    base = copy_model(w, "merged-base")
-
-    def elsewhere(c):
-        callback(c, "LoRA")["init_args"]["export_dir"] = str(w / "cases" / "merged-adapter")
-        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(w / "cases" / "merged-ckpts")
-        c["trainer"]["default_root_dir"] = str(w / "cases" / "merged-run")
-        c["model"]["init_args"]["model"] = str(base)
-
-    setup = recipe(w, elsewhere)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["lightning-qlora"])
-        main(["fit", "--config", setup, "--trainer.max_steps=1"])
+    base, ckpt = checkpoint_on_a_copy(w, "merged")
     tensors = load_file(base / "model.safetensors")
     for key in [k for k in tensors if k.endswith("q_proj.weight")]:
         tensors[key] = tensors[key] + 0.05 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(0))
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
-    return ["fit", "--config", recipe(w), f"--ckpt_path={w / 'cases' / 'merged-ckpts' / 'last.ckpt'}"], (
-        "other 4-bit weights"
-    )
+    return ["fit", "--config", recipe(w), f"--ckpt_path={ckpt}"], "other 4-bit weights"
 
 
 def checkpoint_with_other_lora_rank(w):

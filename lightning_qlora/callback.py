@@ -184,12 +184,7 @@ class LoRA(Callback):
     def _check_codes(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         saved, self._codes_to_check = self._codes_to_check, None
         if saved is not None:
-            cause = describe_mismatch(saved, self.fingerprint_parts(trainer, pl_module))
-            if cause is not None:
-                raise ValueError(
-                    f"checkpoint does not belong to this base model: {cause}; resume with the same base model and "
-                    "NF4Precision settings as the run that wrote it"
-                )
+            refuse_other_base(saved, self.fingerprint_parts(trainer, pl_module))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -261,6 +256,20 @@ def _quantization(trainer: pl.Trainer | None) -> dict[str, Any] | None:
     return state.get("quantization")
 
 
+def refuse_other_base(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise when the base parts a checkpoint was written for differ from this model's.
+
+    Raises:
+        ValueError: naming what differs (see :func:`~lightning_qlora.fingerprint.describe_mismatch`).
+    """
+    cause = describe_mismatch(saved, current)
+    if cause is not None:
+        raise ValueError(
+            f"checkpoint does not belong to this base model: {cause}; resume with the same base model and "
+            "NF4Precision settings as the run that wrote it"
+        )
+
+
 def check_checkpoint_matches(
     checkpoint: dict,
     pl_module: nn.Module,
@@ -285,12 +294,7 @@ def check_checkpoint_matches(
     if meta is None:
         return  # a plain Lightning checkpoint: strict shape checks already ran when it was loaded
     if parts is not None and meta.get("base") is not None:
-        cause = describe_mismatch(meta["base"], parts)
-        if cause is not None:
-            raise ValueError(
-                f"checkpoint does not belong to this base model: {cause}; resume with the same base model and "
-                "NF4Precision settings as the run that wrote it"
-            )
+        refuse_other_base(meta["base"], parts)
     elif meta["fingerprint"] != fingerprint:
         raise ValueError(
             f"checkpoint was written for a different base model (fingerprint {meta['fingerprint']}, this model is "

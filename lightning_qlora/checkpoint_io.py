@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 from lightning_qlora.atomic import TEMP_MARK, atomic_write_bytes, fsync_path
+from lightning_qlora.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,12 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
                 f"checkpoint {path} holds a pickled object ({culprit}) that weights_only loading refuses; if you "
                 "trust the file, load it with AtomicCheckpointIO(weights_only=False)"
             ) from err
-        raise CheckpointLoadError(f"checkpoint {path} is not a readable torch checkpoint ({_first_line(err)})") from err
+        raise CheckpointLoadError(
+            f"checkpoint {path} is not a readable torch checkpoint ({first_line(err, 200)})"
+        ) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, IndexError, ... for damaged files
         raise CheckpointLoadError(
-            f"checkpoint {path} is truncated or corrupt ({_first_line(err)}); resume from an earlier checkpoint"
+            f"checkpoint {path} is truncated or corrupt ({first_line(err, 200)}); resume from an earlier checkpoint"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointLoadError(
@@ -143,11 +146,6 @@ def _unsafe_global(message: str) -> str:
         if "Unsupported global" in line or "GLOBAL" in line:
             return line.strip().removeprefix("WeightsUnpickler error: ")[:160]
     return "an unsupported global"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 class ResumableCheckpoint(ModelCheckpoint):

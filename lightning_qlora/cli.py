@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_qlora.callback import model_root
+from lightning_qlora.errors import first_line
 from lightning_qlora.guards import NonFiniteError
 
 ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
@@ -248,12 +249,12 @@ def _first_line(err: BaseException) -> str:
     for link in chain:
         text = str(link).strip()
         if not _is_wrapper(text):
-            return text.splitlines()[0] if text else type(link).__name__
+            return first_line(link)
         for line in text.splitlines():
             cause = line.strip().removeprefix("- ").strip()
             if cause and not cause.startswith(_JSONARGPARSE_NOISE):
                 return cause
-    return str(err).strip().splitlines()[0]
+    return first_line(err)
 
 
 def _is_wrapper(text: str) -> bool:

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Sampler
 
+from lightning_qlora.errors import first_line
 from lightning_qlora.prompts import IGNORE_INDEX, DataError, PromptEncoder, detect_format, normalize_row, read_rows
 from lightning_qlora.resume import ResumableDataLoader, trainer_progress
 
@@ -320,7 +321,7 @@ class InstructionDataModule(LightningDataModule):
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
             except (OSError, ValueError) as err:
-                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                msg = first_line(err)
                 raise DataError(
                     f"tokenizer {self.tokenizer_name!r}: cannot load ({msg}); pass a tokenizer directory or hub id"
                 ) from None

@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_qlora.atomic import fsync_path
 from lightning_qlora.dtypes import default_dtype
+from lightning_qlora.errors import first_line
 from lightning_qlora.loading import (
     deferred_4bit_linears,
     finalize_deferred,
@@ -102,7 +103,7 @@ def _download(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     except Exception as err:  # offline, gated, or a typo: all end the same way for the user
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = first_line(err, 160)
         raise ModelSourceError(
             f"could not get model {repo_id!r} from the hub ({reason}); pass a local directory or check the id"
         ) from err

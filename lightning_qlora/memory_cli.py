@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from lightning_qlora.errors import first_line
 from lightning_qlora.lora import LoRAConfig
 from lightning_qlora.planner import MemoryPlan, plan_memory
 from lightning_qlora.quantization import QuantizationConfig
@@ -87,7 +88,7 @@ def _model_config_source(source: str, cache_dir: str | None) -> Any:
 
         return hf_hub_download(str(source), "config.json")
     except Exception as err:  # offline, gated, or a typo
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = first_line(err, 160)
         raise ModelSourceError(f"could not get config.json of {source!r} ({reason}); pass a local directory") from err
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_qlora.dtypes import to_dtype
+from lightning_qlora.errors import first_line
 from lightning_qlora.hub import ModelSourceError, load_causal_lm, resolve_model_dir
 from lightning_qlora.precision import NF4Precision
 
@@ -95,10 +96,9 @@ class CausalLM(pl.LightningModule):
             try:
                 tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.hparams.trust_remote_code)
             except (OSError, ValueError) as err:
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ModelSourceError(
-                    f"tokenizer {source}: cannot load ({reason}); pass a model folder with a valid config.json and "
-                    "tokenizer files, or set tokenizer="
+                    f"tokenizer {source}: cannot load ({first_line(err)}); pass a model folder with a valid "
+                    "config.json and tokenizer files, or set tokenizer="
                 ) from None
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_qlora.errors import first_line
+
 IGNORE_INDEX = -100
 
 RowFormat = Literal["alpaca", "chat"]
@@ -58,11 +60,6 @@ class RowSource:
         return f"{self.name} {'index' if self.zero_based else 'row'} {i if self.zero_based else i + 1}"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _parse_text(text: str, name: str, suffix: str) -> tuple[list[Any], RowSource]:
     if suffix == ".jsonl":
         rows, lines = [], []
@@ -99,7 +96,7 @@ def _read_text(read: Callable[[], str], name: str) -> str:
     except UnicodeDecodeError as err:
         raise DataError(f"{name}: cannot read file (not UTF-8 text: {err.reason}); save it as UTF-8 JSON") from None
     except OSError as err:
-        raise DataError(f"{name}: cannot read file ({err.strerror or _first_line(err)}); check permissions") from None
+        raise DataError(f"{name}: cannot read file ({err.strerror or first_line(err)}); check permissions") from None
 
 
 def read_rows(path: str) -> tuple[list[Any], RowSource]:
@@ -152,7 +149,7 @@ def _load_hub(spec: str) -> tuple[list[Any], RowSource]:
         rows = datasets.load_dataset(name, split=split or "train").to_list()
     except Exception as err:  # hub, network and builder errors all end here
         raise DataError(
-            f"{spec}: not a local file, and datasets.load_dataset failed ({type(err).__name__}: {_first_line(err)}); "
+            f"{spec}: not a local file, and datasets.load_dataset failed ({type(err).__name__}: {first_line(err)}); "
             "check the path or dataset name"
         ) from None
     if not rows:
@@ -339,7 +336,7 @@ class PromptEncoder:
                 clean, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as err:  # jinja TemplateError, or a template's raise_exception
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            msg = first_line(err)
             raise DataError(
                 f"{where}: the chat template failed ({msg}); fix the row or use prompt_style=alpaca"
             ) from err

@@ -42,7 +42,7 @@ def run_anchor(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
         LoraConfig(
             r=LORA["r"],
             lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
+            lora_dropout=w.lora_dropout,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         ),

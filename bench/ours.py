@@ -30,6 +30,7 @@ from measure import (
 from workloads import LORA, LR, Workload, make_batches
 
 NAME = "ours (lightning_qlora)"
+COMPILED_NAME = "ours + compile_blocks"
 
 
 def step_timer_class() -> type:
@@ -56,7 +57,9 @@ def step_timer_class() -> type:
             self._calls0 = 0
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.counter = ForwardCounter(pl_module)
+            # a Python hook inside a compiled checkpointed block is a graph break: the block would run eager
+            compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules())
+            self.counter = None if compiled else ForwardCounter(pl_module)
             self.probe.sample()
             self.before_first_step_gib = memory_now_gib(self.device)
 
@@ -100,14 +103,22 @@ def fast_path_info(pl_module: Any) -> dict[str, Any]:
     fused = sum(1 for m in layers if m.fused and fused_base_weight(m.base_layer) is not None)
     chunk = pl_module.hparams.get("loss_chunk_size")
     reason = chunked_loss_unsupported(pl_module.model) if chunk else "loss_chunk_size=None"
+    from lightning_qlora.compilation import is_compiled
+
     return {
+        "compiled_blocks": sum(1 for m in pl_module.modules() if is_compiled(m)),
         "lora_layers": len(layers),
         "fused_lora_layers": fused,
         "loss": f"chunked ({chunk} tokens)" if reason is None else f"model's own ({reason})",
     }
 
 
-def run_ours(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
+def run_ours_compiled(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
+    """``run_ours`` with ``LoRA(compile_blocks=True)``: each decoder layer compiled (the compile is in the warmup)."""
+    return run_ours(w, peak_tflops, isolated, compile_blocks=True)
+
+
+def run_ours(w: Workload, peak_tflops: float | None, isolated: bool, compile_blocks: bool = False) -> Row:
     """lightning_qlora: Trainer + NF4Precision + LoRA callback + PagedOptimizerStrategy fitting CausalLM."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -124,7 +135,13 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
         devices=1,
         plugins=[NF4Precision()],
         callbacks=[
-            LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], gradient_checkpointing=True),
+            LoRA(
+                r=LORA["r"],
+                alpha=LORA["alpha"],
+                dropout=w.lora_dropout,
+                gradient_checkpointing=True,
+                compile_blocks=compile_blocks,
+            ),
             timer,
         ],
         strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
@@ -143,7 +160,7 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
     trainer.fit(module, train_dataloaders=loader)
     loop = statistics.median(timer.loop_times[w.warmup :] or timer.loop_times)
     row = summarize(
-        NAME,
+        COMPILED_NAME if compile_blocks else NAME,
         w,
         timer.times,
         timer.losses,

@@ -26,10 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from anchor import run_anchor  # noqa: E402
 from measure import GIB, Row, busy_cores, merge_repeats, rss_now_bytes  # noqa: E402
-from ours import run_ours  # noqa: E402
+from ours import run_ours, run_ours_compiled  # noqa: E402
 from workloads import Workload, build_model_dir, workloads_for  # noqa: E402
 
-STACKS = {"anchor": run_anchor, "ours": run_ours}
+STACKS = {"anchor": run_anchor, "ours": run_ours, "ours-compiled": run_ours_compiled}
 
 
 def run_stack(stack: str, w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
@@ -95,6 +95,7 @@ def run_bench(
     threads: int | None = None,
     keep_models: bool = False,
     repeat: int = 1,
+    lora_dropout: float = 0.05,
     log: Any = print,
 ) -> list[Row]:
     """Build each model once, run every stack on every batch shape, and return the rows (with ours/anchor ratios).
@@ -102,7 +103,7 @@ def run_bench(
     Args:
         preset: ``micro``, ``tiny``, ``7b`` or ``70b-slice``.
         device: ``cpu`` or ``cuda``.
-        stacks: which of ``anchor``/``ours`` to run, in that order.
+        stacks: which of ``anchor``/``ours``/``ours-compiled`` to run, in that order.
         layers: decoder-layer counts (one model each); default the preset's.
         shapes: ``(batch, seq)`` pairs; default the preset's.
         steps: training steps per run (timed); default the preset's.
@@ -114,6 +115,7 @@ def run_bench(
         seed: seed of the weights and of the token batches.
         threads: torch CPU threads in every run (default torch's; 1 is steadier on a busy machine).
         repeat: run each stack this many times, alternating, and keep the run with the median tok/s (peaks: max).
+        lora_dropout: adapter dropout of both stacks.
         keep_models: leave the random checkpoints in ``workdir`` (``<preset>-<layers>L``) instead of deleting them.
         log: progress printer.
     """
@@ -134,6 +136,7 @@ def run_bench(
             log(f"built {arch['num_hidden_layers']}-layer model ({n / 1e9:.3f}B params) in {took:.0f} s")
             for w in cells:
                 w.n_params = n
+                w.lora_dropout = lora_dropout
                 runs: dict[str, list[Row]] = {}
                 for _ in range(repeat):  # stacks alternate, so a burst of load elsewhere hits both
                     for stack in stacks:
@@ -156,8 +159,10 @@ def run_bench(
                         runs.setdefault(stack, []).append(row)
                 by_stack = {stack: merge_repeats(found) for stack, found in runs.items()}
                 rows.extend(by_stack[stack] for stack in stacks if stack in by_stack)
-                if "ours" in by_stack and "anchor" in by_stack:
-                    ours, anchor = by_stack["ours"], by_stack["anchor"]
+                anchor = by_stack.get("anchor")
+                for stack, ours in by_stack.items():
+                    if anchor is None or stack == "anchor":
+                        continue
                     ours.ratio_tok_s = ours.tok_s / anchor.tok_s
                     ours.ratio_peak = ours.peak_gib / anchor.peak_gib
                     if ours.device_used_gib and anchor.device_used_gib:

@@ -85,6 +85,8 @@ class Workload:
     """Decoder layers of the model."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapter input, both stacks (the anchor's 0.05 unless ``--lora-dropout``)."""
 
 
 def random_batches(

@@ -2,6 +2,7 @@
 
 from lightning_qlora.callback import LoRA
 from lightning_qlora.checkpoint_io import AtomicCheckpointIO, ResumableCheckpoint
+from lightning_qlora.compilation import compile_blocks
 from lightning_qlora.data import InstructionDataModule
 from lightning_qlora.distributed import PagedDDPStrategy
 from lightning_qlora.footprint import Footprint, measure_footprint
@@ -41,6 +42,7 @@ __all__ = [
     "RunSummary",
     "CausalLM",
     "InstructionDataModule",
+    "compile_blocks",
     "measure_footprint",
     "plan_memory",
     "quantize_model",

@@ -81,13 +81,22 @@ def enable_gradient_checkpointing(root: nn.Module, mode: CheckpointMode = "full"
             )
         root.train()
         return "transformers"
-    blocks = max((m for m in root.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-    if blocks is None:
-        raise ValueError(f"gradient_checkpointing: {type(root).__name__} has no ModuleList of blocks to checkpoint")
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(transformer_blocks(root, "gradient_checkpointing")):
         if index % every_n_layers == 0 and not getattr(block.forward, "_checkpointed", False):
             block.forward = _checkpointed(block.forward, kwargs)
     return "blocks"
+
+
+def transformer_blocks(root: nn.Module, purpose: str) -> nn.ModuleList:
+    """The repeated blocks of ``root``: its largest ``ModuleList`` (a transformer's layers).
+
+    Raises:
+        ValueError: if ``root`` has no ``ModuleList`` (``purpose`` names what needed the blocks).
+    """
+    blocks = max((m for m in root.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    if blocks is None:
+        raise ValueError(f"{purpose}: {type(root).__name__} has no ModuleList of blocks; turn {purpose} off for it")
+    return blocks
 
 
 def _checkpointed(forward: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:

@@ -10,11 +10,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.activation_checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
+from lightning_qlora.compilation import compile_blocks, graph_break_report
 from lightning_qlora.fingerprint import codes_pending, describe_mismatch, fingerprint_digest, fingerprint_parts
 from lightning_qlora.guards import check_finite_tensors
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
@@ -49,6 +50,10 @@ class LoRA(Callback):
         checkpoint_mode: ``"full"`` recomputes whole blocks; ``"selective"`` keeps attention outputs and
             recomputes the rest (less recompute, slightly more memory).
         checkpoint_every_n_layers: checkpoint one block in this many (fewer recomputes, more memory).
+        compile_blocks: compile each transformer block with ``torch.compile`` once adapters and checkpointing are in
+            place (regional compilation, :func:`~lightning_qlora.compilation.compile_blocks`): one compile serves
+            every layer; fuses the elementwise work around the matmuls. The first step pays the compile (tens of
+            seconds). Single device and DDP; refused under the FSDP strategies.
         fused: train through the fused LoRA autograd function (saves only ``x`` and ``x·Aᵀ``; see
             :class:`~lightning_qlora.lora_function.LoRALinearFunction`); False uses the plain composition.
         adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints (written atomically and loaded
@@ -72,6 +77,7 @@ class LoRA(Callback):
         gradient_checkpointing: bool = False,
         checkpoint_mode: CheckpointMode = "full",
         checkpoint_every_n_layers: int = 1,
+        compile_blocks: bool = False,
         fused: bool = True,
         adapter_only_checkpoints: bool = True,
         export_dir: str | None = None,
@@ -93,17 +99,21 @@ class LoRA(Callback):
         self.gradient_checkpointing = gradient_checkpointing
         self.checkpoint_mode = checkpoint_mode
         self.checkpoint_every_n_layers = checkpoint_every_n_layers
+        self.compile_blocks = compile_blocks
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.export_dir = export_dir
         self.injected: list[str] = []
         self._checked: dict | None = None  # the checkpoint dict last checked against this base
         self._codes_to_check: dict | None = None  # its base parts, when the 4-bit codes can only be compared later
         self.trainable_params = 0
+        self._graph_breaks_checked = True  # set False at train start when compile_blocks is on
 
     # ----------------------------------------------------------------- injection
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.strict_loading = False  # adapter-only checkpoints; on_load_checkpoint checks what matters
+        if self.compile_blocks:
+            refuse_sharded_compile(trainer)
         use_atomic_checkpoint_io(trainer)
         if any(isinstance(m, nn.Linear) for m in pl_module.modules()):
             self.apply(pl_module)
@@ -146,6 +156,8 @@ class LoRA(Callback):
         self.trainable_params = mark_only_lora_trainable(pl_module, self.trainable_modules)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(model_root(pl_module), self.checkpoint_mode, self.checkpoint_every_n_layers)
+        if self.compile_blocks:
+            compile_blocks(model_root(pl_module))
         if names:
             rank_zero_info(f"LoRA: adapters on {len(self.injected)} layers, {self.trainable_params:,} trainable params")
         return names
@@ -160,6 +172,17 @@ class LoRA(Callback):
         self._check_codes(trainer, pl_module)
         # transformers' from_pretrained returns eval mode, which silently turns its checkpointing (and dropout) off
         pl_module.train()
+        self._graph_breaks_checked = not self.compile_blocks
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._graph_breaks_checked:  # after the first step: the blocks have compiled
+            self._graph_breaks_checked = True
+            report = graph_break_report()
+            if report is not None:
+                rank_zero_warn(f"LoRA(compile_blocks=True): {report}")
 
     # ---------------------------------------------------------------- checkpoints
     def fingerprint(self, trainer: pl.Trainer, pl_module: nn.Module) -> str:
@@ -231,6 +254,22 @@ class LoRA(Callback):
         name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
         path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name)
         rank_zero_info(f"LoRA: PEFT adapter written to {path}")
+
+
+def refuse_sharded_compile(trainer: pl.Trainer) -> None:
+    """Raise one line when ``compile_blocks`` meets a sharding strategy (FSDP1, FSDP2), where it is untested.
+
+    Raises:
+        ValueError: under Lightning's ``FSDPStrategy`` or ``ModelParallelStrategy`` (and so our FSDP strategies).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"LoRA(compile_blocks=True) is not supported with {type(strategy).__name__}; "
+            "set compile_blocks=False, or train on one device or with DDP (strategy='paged_ddp')"
+        )
 
 
 def use_atomic_checkpoint_io(trainer: pl.Trainer) -> None:

@@ -58,6 +58,7 @@ def _dequantized(weight: torch.Tensor, spec: FusedLoRASpec) -> torch.Tensor:
 
 
 _UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
+_BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
 _PACK_MAGIC = 0x0102040810204080  # byte i of a word (0 or 1) lands on bit 56 + i of word · magic, without carries
 
 
@@ -67,7 +68,10 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    elif flat.storage_offset() % 8:
+    if torch.compiler.is_compiling():  # one fused kernel under torch.compile (the bytes view below breaks the graph)
+        bits = flat.view(-1, 8).to(torch.uint8).bitwise_left_shift(_BIT_POSITIONS.to(flat.device))
+        return bits.sum(1, dtype=torch.uint8)
+    if not pad and flat.storage_offset() % 8:
         flat = flat.clone()
     words = flat.view(torch.uint8).view(torch.int64)  # 8 bytes of 0/1 per word (storage is 8-byte aligned)
     return words.mul(_PACK_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
@@ -75,6 +79,9 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: the boolean tensor of ``shape`` (one table lookup per byte)."""
+    if torch.compiler.is_compiling():  # shifts fuse into one kernel; the cached table below would break the graph
+        bits = packed.unsqueeze(1).bitwise_right_shift(_BIT_POSITIONS.to(packed.device)).bitwise_and_(1)
+        return bits.view(-1)[: shape.numel()].view(shape).bool()
     table = _UNPACK_TABLES.get(packed.device)
     if table is None:
         bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)

@@ -55,7 +55,9 @@ def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path)
     ours, anchor = by_stack[OURS], by_stack[ANCHOR]
     assert ours.optimizer == anchor.optimizer == "AdamW32bit"  # the unpaged fallback on CPU, on both sides
     # ours runs the fast path: every adapted layer through the fused LoRA function, the chunked loss
-    assert ours.extra["fast_path"] == {"lora_layers": 14, "fused_lora_layers": 14, "loss": "chunked (4096 tokens)"}
+    assert ours.extra["fast_path"] == {
+        "compiled_blocks": 0, "lora_layers": 14, "fused_lora_layers": 14, "loss": "chunked (4096 tokens)"
+    }
     assert math.isfinite(ours.ratio_tok_s) and ours.ratio_tok_s > 0
     assert math.isfinite(ours.ratio_peak) and ours.ratio_peak > 0
 

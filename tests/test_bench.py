@@ -75,6 +75,32 @@ def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path)
     assert f"{ours.ratio_tok_s:.2f}×" in ours_line
 
 
+def test_compiled_stack_runs_every_block_compiled_without_graph_breaks(bench, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    rows = bench.run_bench(
+        preset="micro",
+        device="cpu",
+        stacks=("ours-compiled",),
+        isolate=False,
+        init_std=0.08,
+        workdir=tmp_path,
+        lora_dropout=0.0,
+        log=lambda s: None,
+    )
+    torch._dynamo.reset()
+    (row,) = rows
+    assert row.stack == "ours + compile_blocks" and row.ratio_tok_s is None  # no anchor in this run
+    assert row.extra["fast_path"]["compiled_blocks"] == 2 and row.extra["fast_path"]["fused_lora_layers"] == 14
+    assert row.extra["gradient_checkpointing"] and row.train_mode
+    assert not any("broke the compiled graphs" in w for w in row.extra["warnings"]), row.extra["warnings"]
+    assert counters["graph_break"] == {}
+    assert 4.0 < row.first_loss < 12.0 and all(math.isfinite(x) for x in row.losses)
+    assert any("no MLP call counter" in line for line in bench.notes(rows, "cpu", "micro", None))
+
+
 def test_quantized_bits_match_hf_bitsandbytes_loading(bench, tmp_path):
     """Our quantize-on-load path stores exactly the codes and constants HF's BitsAndBytesConfig path does."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM

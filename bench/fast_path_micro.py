@@ -39,7 +39,8 @@ def sync(device: str) -> None:
 def time_layer(device: str, tokens: int, features: int, rank: int, dropout: float, fused: bool, iters: int) -> float:
     """Median ms of one forward + backward of a 4-bit LoRA layer."""
     torch.manual_seed(0)
-    base = linear_to_4bit(nn.Linear(features, features, bias=False), QuantizationConfig(), device)
+    # a bf16 weight, as the bench models store them: bitsandbytes then dequantizes straight to bf16
+    base = linear_to_4bit(nn.Linear(features, features, bias=False, dtype=torch.bfloat16), QuantizationConfig(), device)
     layer = LoRALinear(base, r=rank, alpha=16, dropout=dropout, fused=fused).to(device)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)

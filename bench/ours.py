@@ -115,6 +115,10 @@ def fast_path_info(pl_module: Any) -> dict[str, Any]:
 
 def run_ours_compiled(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
     """``run_ours`` with ``LoRA(compile_blocks=True)``: each decoder layer compiled (the compile is in the warmup)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # no graphs, dynamic-shape decisions or graph-break counts from an earlier run in-process
+    counters.clear()
     return run_ours(w, peak_tflops, isolated, compile_blocks=True)
 
 
@@ -203,7 +207,7 @@ def build_and_step_probe_class() -> type:
             super().__init__(device, probe)
             self.warmup = warmup
             self.build_s = self.setup_s = self._t_setup = 0.0
-            self.rss_before = self.rss_peak_build = self.model_bytes = 0
+            self.rss_before = self.rss_peak_build = self.rss_peak_train = self.model_bytes = 0
             self.build_peak: int | None = None
             self.live_peak = 0
             self._tracker: Any = None
@@ -244,5 +248,10 @@ def build_and_step_probe_class() -> type:
                 self._tracker.__exit__(None, None, None)
                 self.live_peak = max(self.live_peak, self._resident + self._tracker.peak)
                 self._tracker = None
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            super().on_train_end(trainer, pl_module)
+            # before Lightning's teardown moves the model to the CPU (a host copy of every 4-bit weight)
+            self.rss_peak_train = peak_rss_bytes()
 
     return BuildAndStepProbe

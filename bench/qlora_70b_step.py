@@ -239,7 +239,8 @@ def run_step(
         verdict="PASS" if peak / GIB <= target_gib else "FAIL", losses=timer.losses, optimizer=optimizer,
         trainable_params=timer.trainable, gc_forward_calls=timer.calls, train_mode=timer.train_mode,
         gradient_checkpointing=timer.gradient_checkpointing, fast_path=timer.fast_path,
-        plan=json.loads(json.dumps(plan.as_dict(), default=str)), host_peak_rss_gib=peak_rss_bytes() / GIB,
+        plan=json.loads(json.dumps(plan.as_dict(), default=str)),
+        host_peak_rss_gib=(timer.rss_peak_train or peak_rss_bytes()) / GIB,
     )  # fmt: skip
     return report, plan
 

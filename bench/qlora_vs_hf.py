@@ -92,8 +92,8 @@ def notes(rows: list[Row], device: str, preset: str, peak_tflops: float | None) 
         out.append(
             f"peak GiB = {r.peak_kind}"
             + (
-                " of a fresh process per stack (imports included)"
-                if r.isolated and device == "cpu"
+                (" of a fresh process per stack" + (" (imports included)" if device == "cpu" else ""))
+                if r.isolated
                 else (" (reset before each stack)" if device == "cuda" else " (NOT isolated: includes earlier runs)")
             )
             + (

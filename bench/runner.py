@@ -109,7 +109,8 @@ def run_bench(
         steps: training steps per run (timed); default the preset's.
         warmup: leading steps left out of the median (default 2, or steps - 1 when fewer).
         peak_tflops: the device's peak dense bf16 TFLOP/s for MFU (None: MFU n/a).
-        isolate: run each stack in a fresh subprocess (default: on CPU, where peak RSS cannot be reset).
+        isolate: run each stack in a fresh subprocess (default on; a process's peak RSS cannot be reset, nor can
+            bitsandbytes' paged optimizer state be freed).
         init_std: re-draw every matrix from N(0, init_std) (default: transformers' init, std 0.02).
         workdir: where the random checkpoints go (default a temp dir, removed afterwards).
         seed: seed of the weights and of the token batches.
@@ -121,7 +122,10 @@ def run_bench(
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    isolate = (device == "cpu") if isolate is None else isolate
+    # a fresh process per stack on CUDA too: bitsandbytes never frees paged optimizer state (managed memory) within a
+    # process, so device-wide used memory would carry every earlier run's states into the later stacks' figures
+    isolate = True if isolate is None else isolate
+    build_device = "cpu" if isolate else device  # keep this parent process off the GPU while the children measure
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="qlora_bench_")) if own_dir else Path(workdir)
     base.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,7 @@ def run_bench(
             init = arch.pop("_init_std")
             model_dir = Path(cells[0].model_dir)
             t = time.perf_counter()
-            n = build_model_dir(arch, model_dir, device, seed=seed, init_std=init)
+            n = build_model_dir(arch, model_dir, build_device, seed=seed, init_std=init)
             took = time.perf_counter() - t
             log(f"built {arch['num_hidden_layers']}-layer model ({n / 1e9:.3f}B params) in {took:.0f} s")
             for w in cells:

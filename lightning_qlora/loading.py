@@ -108,6 +108,10 @@ def _deferred_class() -> type:
                 self.weight = nn.Parameter(tensor.to(self.target_device, self.bias_dtype), requires_grad=False)
                 return
             else:
+                # in the model's dtype first, as transformers' from_pretrained(dtype=...) does before bitsandbytes:
+                # the same codes as HF's path, and a quant_state that dequantizes straight to that dtype
+                if tensor.is_floating_point() and tensor.dtype != self.bias_dtype:
+                    tensor = tensor.to(self.bias_dtype)
                 self.weight = make_params4bit(tensor, self.quantization_config, self.target_device)
                 self.weight.module = self
             self.quant_state = self.weight.quant_state

@@ -58,6 +58,31 @@ def test_quantize_on_load_bits_equal_direct_quantization(tiny_llama_dir):
         assert torch.equal(dequantize_weight(layer), dequantize_weight_of(direct))
 
 
+def test_a_file_in_another_dtype_is_quantized_in_the_models_dtype_like_transformers(tmp_path):
+    """An fp16 checkpoint loaded as bf16: cast first, then quantize, exactly as HF's BitsAndBytesConfig path does."""
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    build_tiny_llama().to(torch.float16).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=quant
+    )
+    ours = load_causal_lm(tmp_path, QuantizationConfig(), dtype=torch.bfloat16)
+    layers = [n for n, m in ours.named_modules() if is_4bit_linear(m)]
+    assert len(layers) == 14
+    for name in layers:
+        mine, theirs = ours.get_submodule(name).weight, hf.get_submodule(name).weight
+        assert mine.quant_state.dtype == theirs.quant_state.dtype == torch.bfloat16, name
+        assert torch.equal(mine.data, theirs.data), name
+        assert torch.equal(dequantize_weight(ours.get_submodule(name)), dequantize_weight(hf.get_submodule(name))), name
+
+
 def dequantize_weight_of(params):
     from bitsandbytes.functional import dequantize_4bit
 

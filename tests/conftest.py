@@ -85,6 +85,21 @@ def build_tiny_llama(seed: int = 0, **overrides):
     return model
 
 
+def load_with_hf_bitsandbytes(path):
+    """The anchor's loading path: transformers + ``BitsAndBytesConfig`` NF4 + double quant, bf16, on the CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=quant
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_tokenizer")

@@ -103,22 +103,14 @@ def test_compiled_stack_runs_every_block_compiled_without_graph_breaks(bench, tm
 
 def test_quantized_bits_match_hf_bitsandbytes_loading(bench, tmp_path):
     """Our quantize-on-load path stores exactly the codes and constants HF's BitsAndBytesConfig path does."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from conftest import load_with_hf_bitsandbytes
 
     from lightning_qlora.hub import load_causal_lm
     from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, is_4bit_linear
 
     arch = dict(bench.PRESETS["micro"]["arch"])
     bench.build_model_dir(arch, tmp_path / "m", "cpu", init_std=0.08)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    hf = LlamaForCausalLM.from_pretrained(
-        tmp_path / "m", dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=quant
-    )
+    hf = load_with_hf_bitsandbytes(tmp_path / "m")
     ours = load_causal_lm(tmp_path / "m", quantization=QuantizationConfig(), device="cpu", dtype=torch.bfloat16)
     hf_layers = {n: m for n, m in hf.named_modules() if is_4bit_linear(m)}
     our_layers = {n: m for n, m in ours.named_modules() if is_4bit_linear(m)}

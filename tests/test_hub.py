@@ -60,19 +60,10 @@ def test_quantize_on_load_bits_equal_direct_quantization(tiny_llama_dir):
 
 def test_a_file_in_another_dtype_is_quantized_in_the_models_dtype_like_transformers(tmp_path):
     """An fp16 checkpoint loaded as bf16: cast first, then quantize, exactly as HF's BitsAndBytesConfig path does."""
-    from conftest import build_tiny_llama
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from conftest import build_tiny_llama, load_with_hf_bitsandbytes
 
     build_tiny_llama().to(torch.float16).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    hf = AutoModelForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=quant
-    )
+    hf = load_with_hf_bitsandbytes(tmp_path)
     ours = load_causal_lm(tmp_path, QuantizationConfig(), dtype=torch.bfloat16)
     layers = [n for n, m in ours.named_modules() if is_4bit_linear(m)]
     assert len(layers) == 14

@@ -31,14 +31,20 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
 
 
 def assert_bits_equal_direct_quantization(model: nn.Module, reference: nn.Module) -> int:
-    """Every projection of ``model`` holds exactly bitsandbytes' quantize_4bit of the reference weight."""
+    """Every projection of ``model`` holds exactly bitsandbytes' quantize_4bit of the reference weight, cast to the
+    model's dtype first (as transformers' ``from_pretrained(dtype=...)`` does)."""
     checked = 0
     for name in quantized_linear_names(reference):
         layer = model.get_submodule(name)
         layer = layer.base_layer if isinstance(layer, LoRALinear) else layer
         assert is_4bit_linear(layer) and isinstance(layer.weight, bnb.nn.Params4bit), name
+        model_dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
+        assert layer.weight.quant_state.dtype == model_dtype, name  # dequantizes straight to the model's dtype
         packed, state = quantize_4bit(
-            reference.get_submodule(name).weight.data, blocksize=64, compress_statistics=True, quant_type="nf4"
+            reference.get_submodule(name).weight.data.to(model_dtype),
+            blocksize=64,
+            compress_statistics=True,
+            quant_type="nf4",
         )
         assert torch.equal(layer.weight.data, packed), name
         ours = layer.weight.quant_state

@@ -159,6 +159,32 @@ def run_ddp(cfg: dict, out: Path, rank: int) -> dict:
     }
 
 
+def run_ddp_compiled(cfg: dict, out: Path, rank: int) -> dict:
+    """DDP with ``LoRA(compile_blocks=True)``: the same training as the reference process, with compiled blocks."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    from lightning_qlora.compilation import is_compiled
+
+    record = Record(seed=100)
+    lora = LoRA(r=8, alpha=16, dropout=0.0, compile_blocks=True)
+    kwargs = trainer_kwargs(out, strategy=PagedDDPStrategy(), plugins=[NF4Precision()], callbacks=[lora, record])
+    trainer = pl.Trainer(**kwargs, enable_checkpointing=False)
+    module = CausalLM(model=cfg["model_dir"], dtype="bf16", lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2))
+    return {
+        "losses": record.losses,
+        "start": record.start_adapters,
+        "final": adapter_sums(module),
+        "compiled_blocks": sum(1 for m in module.modules() if is_compiled(m)),
+        "graph_breaks": {str(k): v for k, v in counters["graph_break"].items()},
+        "compile_warnings": [str(w.message) for w in caught if "compile" in str(w.message)],
+    }
+
+
 def run_sharded(cfg: dict, out: Path, rank: int, name: str, make_strategy) -> dict:
     """Train 3 steps under a sharded strategy with sharded checkpoints, then resume to step 5 from the last one."""
 
@@ -279,7 +305,13 @@ def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
     return result
 
 
-SCENARIOS = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp2": run_fsdp2, "collectives": run_collectives}
+SCENARIOS = {
+    "ddp": run_ddp,
+    "ddp_compiled": run_ddp_compiled,
+    "fsdp": run_fsdp,
+    "fsdp2": run_fsdp2,
+    "collectives": run_collectives,
+}
 
 
 def main() -> None:

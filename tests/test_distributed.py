@@ -29,7 +29,7 @@ from lightning_qlora.model import CausalLM
 from lightning_qlora.quantization import QuantizationConfig, quantize_model
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-SCENARIOS = ["collectives", "ddp", "fsdp", "fsdp2"]
+SCENARIOS = ["collectives", "ddp", "ddp_compiled", "fsdp", "fsdp2"]
 LOSS_REL = 1e-3  # bf16 autocast: the same math batched differently rounds differently (seen: 3e-4 after 2 steps)
 
 
@@ -134,6 +134,15 @@ def test_ddp_loss_curve_matches_one_process_with_the_same_global_batch(runs, ref
     assert runs["ddp", 0]["losses"][0] == pytest.approx(reference["losses"][0], rel=1e-6)  # same base, same batch
     assert runs["ddp", 0]["losses"] == pytest.approx(reference["losses"], rel=LOSS_REL)
     assert reference["losses"][-1] < reference["losses"][0]  # it trains
+
+
+def test_ddp_with_compiled_blocks_trains_like_one_eager_process(runs, reference):
+    r0, r1 = runs["ddp_compiled", 0], runs["ddp_compiled", 1]
+    assert r0["compiled_blocks"] == r1["compiled_blocks"] == 2
+    assert r0["graph_breaks"] == r1["graph_breaks"] == {} and not r0["compile_warnings"]
+    assert r0["start"] == reference["start"] and r0["final"] == r1["final"]  # replicas in lockstep
+    assert r0["losses"][0] == pytest.approx(reference["losses"][0], rel=1e-3)
+    assert r0["losses"] == pytest.approx(reference["losses"], rel=LOSS_REL)
 
 
 def test_ddp_checkpoint_and_peft_export_are_written_once_by_rank0(runs):

@@ -15,7 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.activation_checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
-from lightning_qlora.compilation import compile_blocks, graph_break_report
+from lightning_qlora.compilation import compile_blocks, graph_break_counts, graph_break_report
 from lightning_qlora.fingerprint import codes_pending, describe_mismatch, fingerprint_digest, fingerprint_parts
 from lightning_qlora.guards import check_finite_tensors
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
@@ -106,7 +106,7 @@ class LoRA(Callback):
         self._checked: dict | None = None  # the checkpoint dict last checked against this base
         self._codes_to_check: dict | None = None  # its base parts, when the 4-bit codes can only be compared later
         self.trainable_params = 0
-        self._graph_breaks_checked = True  # set False at train start when compile_blocks is on
+        self._graph_breaks_before: dict[str, int] | None = None  # counts at train start, while a check is due
 
     # ----------------------------------------------------------------- injection
     @override
@@ -172,15 +172,15 @@ class LoRA(Callback):
         self._check_codes(trainer, pl_module)
         # transformers' from_pretrained returns eval mode, which silently turns its checkpointing (and dropout) off
         pl_module.train()
-        self._graph_breaks_checked = not self.compile_blocks
+        self._graph_breaks_before = graph_break_counts() if self.compile_blocks else None
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._graph_breaks_checked:  # after the first step: the blocks have compiled
-            self._graph_breaks_checked = True
-            report = graph_break_report()
+        if self._graph_breaks_before is not None:  # after the first step: the blocks have compiled
+            report = graph_break_report(self._graph_breaks_before)
+            self._graph_breaks_before = None
             if report is not None:
                 rank_zero_warn(f"LoRA(compile_blocks=True): {report}")
 

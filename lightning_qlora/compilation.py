@@ -45,15 +45,21 @@ def compile_blocks(root: nn.Module, **compile_kwargs: Any) -> int:
     return len(blocks)
 
 
-def graph_break_report() -> str | None:
-    """One line on the graph breaks ``torch.compile`` has counted in this process, or ``None`` when there were none.
+def graph_break_counts() -> dict[str, int]:
+    """The graph breaks ``torch.compile`` has counted in this process so far, by reason."""
+    from torch._dynamo.utils import counters
+
+    return {str(reason): count for reason, count in counters["graph_break"].items()}
+
+
+def graph_break_report(before: dict[str, int] | None = None) -> str | None:
+    """One line on the graph breaks counted since ``before`` (a :func:`graph_break_counts`), or ``None`` if none.
 
     A graph break (for example a Python hook with side effects inside a checkpointed block) silently runs that part
     of the block eager, so the compile costs its time and buys nothing there.
     """
-    from torch._dynamo.utils import counters
-
-    breaks = counters["graph_break"]
+    before = before or {}
+    breaks = {k: n - before.get(k, 0) for k, n in graph_break_counts().items() if n > before.get(k, 0)}
     if not breaks:
         return None
     reason, _ = max(breaks.items(), key=lambda item: item[1])
@@ -64,4 +70,4 @@ def graph_break_report() -> str | None:
     )
 
 
-__all__ = ["compile_blocks", "graph_break_report", "is_compiled"]
+__all__ = ["compile_blocks", "graph_break_counts", "graph_break_report", "is_compiled"]

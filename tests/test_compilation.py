@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_qlora import CausalLM, LoRA, NF4Precision, PagedOptimizerStrategy, compile_blocks
 from lightning_qlora.activation_checkpointing import enable_gradient_checkpointing
 from lightning_qlora.callback import refuse_sharded_compile
-from lightning_qlora.compilation import graph_break_report, is_compiled
+from lightning_qlora.compilation import graph_break_counts, graph_break_report, is_compiled
 from lightning_qlora.lora import LoRAConfig, inject_lora, lora_state_dict, mark_only_lora_trainable
 from lightning_qlora.lora_function import pack_mask, unpack_mask
 from lightning_qlora.quantization import QuantizationConfig, quantize_model
@@ -212,12 +212,14 @@ def test_a_graph_break_in_a_block_is_reported_in_one_line():
     loss_and_grads(model, ids())
     report = graph_break_report()
     assert report is not None and "\n" not in report and counter.calls
+    assert graph_break_report(graph_break_counts()) is None  # nothing new since then
     assert report.startswith("torch.compile broke the compiled graphs") and "TORCH_LOGS=graph_breaks" in report
 
 
 def test_lora_callback_warns_once_after_the_first_step_when_the_graphs_broke():
     callback = LoRA(compile_blocks=True)
     module = torch.nn.Linear(64, 64)
+    counters["graph_break"]["a break before this fit"] += 1  # not this run's: never reported
     callback.on_train_start(None, module)
     counters["graph_break"]["Dynamo does not know how to trace the builtin `time.sleep`"] += 3
     with pytest.warns(UserWarning, match=r"^LoRA\(compile_blocks=True\): torch.compile broke the compiled graphs 3 "):

@@ -1,7 +1,9 @@
 """How the benchmarks measure: memory probes, forward counters, one ``Row`` of results, MFU, versions and the device.
 
-MFU counts ``6·N`` FLOPs per token (forward ``2N`` + backward ``4N``); ``8·N`` adds the forward that activation
-checkpointing runs again in backward; ``4·N`` is what the anchor log printed. N = all base-model parameters.
+FLOPs per token of a QLoRA step over a frozen base of N parameters (the adapters add ~1-3 %, not counted): forward
+``2N`` + backward ``2N`` (input gradients only: the frozen weights get none) = ``4N``, the model FLOPs of MFU and
+what the anchor log printed; the forward that activation checkpointing runs again makes ``6N``, the hardware FLOPs
+of HFU (the issue's "6·N·T FLOPs of a checkpointed step").
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class ForwardCounter:
             self.handle.remove()
 
 
-def mfu(n_params: int, tok_s: float, peak_tflops: float | None, flops_per_param: int = 6) -> float | None:
+def mfu(n_params: int, tok_s: float, peak_tflops: float | None, flops_per_param: int = 4) -> float | None:
     """``flops_per_param · N · tok/s / peak FLOP/s`` (None without a peak)."""
     return flops_per_param * n_params * tok_s / (peak_tflops * 1e12) if peak_tflops else None
 
@@ -134,9 +136,7 @@ class Row:
     peak_kind: str
     device_used_gib: float | None
     mfu: float | None
-    """Model FLOPs utilisation, 6·N per token (forward 2N + backward 4N, the usual convention)."""
-    mfu_4nt: float | None
-    """4·N per token, as the anchor log printed it."""
+    """Model FLOPs utilisation: 4·N per token (forward 2N + input-gradient backward 2N over the frozen base)."""
     first_loss: float
     losses: list[float]
     step_times_ms: list[float]
@@ -154,8 +154,8 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
     ratio_tok_s: float | None = None
     ratio_peak: float | None = None
-    mfu_8nt: float | None = None
-    """8·N per token: the 6·N step plus the forward that activation checkpointing runs again in backward."""
+    hfu: float | None = None
+    """Hardware FLOPs utilisation: 6·N per token, the 4·N step plus the forward checkpointing runs again."""
 
 
 def summarize(
@@ -180,9 +180,8 @@ def summarize(
         peak_gib=peak,
         peak_kind=kind,
         device_used_gib=used,
-        mfu=mfu(w.n_params, tok_s, peak_tflops, 6),
-        mfu_4nt=mfu(w.n_params, tok_s, peak_tflops, 4),
-        mfu_8nt=mfu(w.n_params, tok_s, peak_tflops, 8),
+        mfu=mfu(w.n_params, tok_s, peak_tflops, 4),
+        hfu=mfu(w.n_params, tok_s, peak_tflops, 6),
         first_loss=losses[0],
         losses=losses,
         step_times_ms=[t * 1e3 for t in times],

@@ -83,8 +83,10 @@ class StepReport:
     """Median over the steps after the warmup of one synchronised step (forward, backward, optimizer, zero_grad)."""
     step_times_ms: list[float]
     tok_s: float
-    mfu_6nt: float | None
-    mfu_8nt: float | None
+    mfu: float | None
+    """4·N FLOPs per token over the peak: forward + input-gradient backward (the base is frozen)."""
+    hfu: float | None
+    """6·N FLOPs per token over the peak: plus the forward that activation checkpointing recomputes."""
     peak_tflops: float | None
     peak_gib: float
     """CUDA: ``torch.cuda.max_memory_allocated`` over the whole run (build included). CPU: live tensor bytes."""
@@ -229,7 +231,7 @@ def run_step(
         host_peak_rss_build_gib=timer.rss_peak_build / GIB,
         build_peak_gib=timer.build_peak / GIB if timer.build_peak is not None else None,
         model_gib=timer.model_bytes / GIB, step_ms=step * 1e3, step_times_ms=[t * 1e3 for t in timer.times],
-        tok_s=tok_s, mfu_6nt=mfu(n, tok_s, peak_tflops, 6), mfu_8nt=mfu(n, tok_s, peak_tflops, 8),
+        tok_s=tok_s, mfu=mfu(n, tok_s, peak_tflops, 4), hfu=mfu(n, tok_s, peak_tflops, 6),
         peak_tflops=peak_tflops, peak_gib=peak / GIB, peak_kind=kind,
         device_used_gib=probe.used_max / GIB if cuda else None,
         device_used_before_gib=probe.used_before / GIB if cuda else None,
@@ -280,7 +282,7 @@ def format_table(r: StepReport) -> str:
         ("step", f"{r.step_ms:,.1f} ms (median of steps {r.warmup + 1}..{r.steps}), "
          f"batch {r.batch_size} x {r.seq_len}"),
         ("tok/s", f"{r.tok_s:,.1f}"),
-        ("MFU 6N / 8N", f"{_pct(r.mfu_6nt)} / {_pct(r.mfu_8nt)}"
+        ("MFU 4N / HFU 6N", f"{_pct(r.mfu)} / {_pct(r.hfu)}"
          + (f" of {r.peak_tflops:g} TFLOP/s" if r.peak_tflops else " (pass --peak-tflops)")),
         ("peak memory", f"{_gib(r.peak_gib)}: {r.peak_kind}"),
         ("device-wide used (total - free)", f"{_gib(r.device_used_gib)}"

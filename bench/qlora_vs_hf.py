@@ -66,7 +66,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def format_table(rows: list[Row]) -> str:
     """A markdown table: one line per (workload, stack)."""
     head = (
-        "| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU | MFU 8N | tok/s ours/anchor | "
+        "| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU 4N | HFU 6N | tok/s ours/anchor | "
         "peak ours/anchor | step-1 loss |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -74,7 +74,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.workload} | {r.stack} | {r.step_ms:,.1f} | {r.tok_s:,.0f} | {r.peak_gib:.2f} | "
             f"{_fmt(r.device_used_gib, '.2f')} | {_fmt(None if r.mfu is None else r.mfu * 100, '.1f', '%')} | "
-            f"{_fmt(None if r.mfu_8nt is None else r.mfu_8nt * 100, '.1f', '%')} | "
+            f"{_fmt(None if r.hfu is None else r.hfu * 100, '.1f', '%')} | "
             f"{_fmt(r.ratio_tok_s, '.2f', '×')} | {_fmt(r.ratio_peak, '.2f', '×')} | {r.first_loss:.4f} |"
         )
     return "\n".join(lines)
@@ -104,9 +104,9 @@ def notes(rows: list[Row], device: str, preset: str, peak_tflops: float | None) 
             )
         )
     out.append(
-        f"MFU = 6·N·tok/s / {peak_tflops:g} TFLOP/s, N = all parameters of the base model (the anchor log used 4·N·T; "
-        "see mfu_4nt in --json); MFU 8N = 8·N·tok/s / peak: the 6·N step plus the forward that gradient "
-        "checkpointing recomputes"
+        f"MFU 4N = 4·N·tok/s / {peak_tflops:g} TFLOP/s, N = all parameters of the base model: forward + "
+        "input-gradient backward over the frozen base (the anchor log's 4·N·T); HFU 6N = 6·N·tok/s / peak: plus "
+        "the forward that gradient checkpointing recomputes"
         if peak_tflops
         else "MFU n/a (pass --peak-tflops)"
     )

@@ -47,7 +47,7 @@ def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path)
         assert math.isfinite(row.tok_s) and row.tok_s > 0
         assert math.isfinite(row.step_ms) and row.step_ms > 0
         assert row.peak_gib > 0 and row.peak_kind == "process peak RSS"
-        assert row.mfu is None and row.mfu_8nt is None  # no --peak-tflops on CPU
+        assert row.mfu is None and row.hfu is None  # no --peak-tflops on CPU
         # gradient checkpointing really recomputes: the first block's MLP is entered twice per step, in train mode
         assert row.gc_forward_calls == [2, 2, 2], row.gc_forward_calls
         assert row.train_mode and row.extra["gradient_checkpointing"]
@@ -69,7 +69,7 @@ def test_micro_preset_runs_both_stacks_and_agrees_on_first_loss(bench, tmp_path)
 
     table = bench.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU | MFU 8N |")
+    assert lines[0].startswith("| workload | stack | step ms | tok/s | peak GiB | device-used GiB | MFU 4N | HFU 6N |")
     assert any(line.startswith(f"| micro 1x64 | {ANCHOR} |") for line in lines)
     ours_line = next(line for line in lines if line.startswith(f"| micro 1x64 | {OURS} |"))
     assert f"{ours.ratio_tok_s:.2f}×" in ours_line
@@ -127,7 +127,8 @@ def test_quantized_bits_match_hf_bitsandbytes_loading(bench, tmp_path):
     assert torch.equal(got, expected)  # same bits, same bf16 residual stream (no fp32 upcast here): same loss
 
 
-def test_mfu_columns_count_6n_and_8n_flops_per_token(bench):
+def test_mfu_counts_4n_and_hfu_6n_flops_per_token(bench):
+    """Frozen base: forward 2N + input-gradient backward 2N; checkpointing's recompute adds 2N more."""
     w = bench.Workload(
         name="w", model_dir="", n_params=1_000_000, batch_size=2, seq_len=100, vocab_size=8, steps=3, warmup=1,
         device="cpu",
@@ -140,11 +141,10 @@ def test_mfu_columns_count_6n_and_8n_flops_per_token(bench):
     row = bench.summarize("s", w, [0.5, 0.1, 0.1], [1.0, 1.0, 1.0], Probe(), peak_tflops=1e-3, optimizer="x",
                           gc_forward_calls=[2, 2, 2], train_mode=True, isolated=False)
     assert row.tok_s == pytest.approx(2000)  # 200 tokens / 0.1 s (the median after the warmup)
-    assert row.mfu == pytest.approx(6 * 1e6 * 2000 / 1e9)
-    assert row.mfu_8nt == pytest.approx(8 * 1e6 * 2000 / 1e9)
-    assert row.mfu_4nt == pytest.approx(4 * 1e6 * 2000 / 1e9)
+    assert row.mfu == pytest.approx(4 * 1e6 * 2000 / 1e9)
+    assert row.hfu == pytest.approx(6 * 1e6 * 2000 / 1e9)
     line = bench.format_table([row]).splitlines()[2]
-    assert f"| {row.mfu * 100:.1f}% | {row.mfu_8nt * 100:.1f}% |" in line
+    assert f"| {row.mfu * 100:.1f}% | {row.hfu * 100:.1f}% |" in line
 
 
 def test_fast_path_micro_bench_runs_and_chunking_lowers_the_loss_peak():
@@ -183,7 +183,7 @@ def test_70b_step_script_builds_from_config_alone_and_matches_the_planner(tmp_pa
     assert report["gc_forward_calls"] == [2, 2, 2] and report["train_mode"] and report["gradient_checkpointing"]
     assert report["optimizer"] == "AdamW32bit"  # paged needs CUDA: the strategy's unpaged fallback
     assert math.isfinite(report["tok_s"]) and report["tok_s"] > 0 and report["build_s"] > 0
-    assert report["mfu_6nt"] is None  # no --peak-tflops on CPU
+    assert report["mfu"] is None and report["hfu"] is None  # no --peak-tflops on CPU
     # the live tensor peak (model + optimizer state + the step's tensors) against the planner's CPU prediction
     assert report["predicted_peak_gib"] > 0 and report["peak_kind"].startswith("live tensor bytes")
     assert 0.85 < report["measured_over_predicted"] < 1.15, report["measured_over_predicted"]

@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument(
         "--lora-dropout", type=float, default=LORA["dropout"], help="adapter dropout, both stacks (default 0.05)"
     )
+    parser.add_argument(
+        "--checkpoint-mode",
+        choices=["full", "selective"],
+        default="full",
+        help="ours' activation checkpointing: full (as the anchor) or selective (keeps attention outputs)",
+    )
     parser.add_argument("--json", help="write the rows (and versions, device, command) to this file")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in arch.items())
         + (f", init N(0, {args.init_std})" if args.init_std else ""),
         f"workload: NF4 + double quant, bf16 compute/autocast; LoRA r={LORA['r']} alpha={LORA['alpha']} "
-        f"dropout={args.lora_dropout} on all linear layers but lm_head; gradient checkpointing; "
+        f"dropout={args.lora_dropout} on all linear layers but lm_head; gradient checkpointing "
+        f"(ours: {args.checkpoint_mode}); "
         f"{'PagedAdamW32bit' if args.device == 'cuda' else 'AdamW32bit (paged needs CUDA)'} lr {LR:g}; "
         "labels = input_ids",
     ]
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         threads=args.threads,
         repeat=max(1, args.repeat),
         lora_dropout=args.lora_dropout,
+        checkpoint_mode=args.checkpoint_mode,
         log=lambda s: print(f"  .. {s}", flush=True),
     )
     table = format_table(rows)

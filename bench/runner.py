@@ -96,6 +96,7 @@ def run_bench(
     keep_models: bool = False,
     repeat: int = 1,
     lora_dropout: float = 0.05,
+    checkpoint_mode: str = "full",
     log: Any = print,
 ) -> list[Row]:
     """Build each model once, run every stack on every batch shape, and return the rows (with ours/anchor ratios).
@@ -117,6 +118,7 @@ def run_bench(
         threads: torch CPU threads in every run (default torch's; 1 is steadier on a busy machine).
         repeat: run each stack this many times, alternating, and keep the run with the median tok/s (peaks: max).
         lora_dropout: adapter dropout of both stacks.
+        checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``.
         keep_models: leave the random checkpoints in ``workdir`` (``<preset>-<layers>L``) instead of deleting them.
         log: progress printer.
     """
@@ -141,6 +143,7 @@ def run_bench(
             for w in cells:
                 w.n_params = n
                 w.lora_dropout = lora_dropout
+                w.checkpoint_mode = checkpoint_mode
                 runs: dict[str, list[Row]] = {}
                 for _ in range(repeat):  # stacks alternate, so a burst of load elsewhere hits both
                     for stack in stacks:

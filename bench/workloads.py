@@ -87,6 +87,8 @@ class Workload:
     """torch CPU threads (None: torch's default)."""
     lora_dropout: float = 0.05
     """Dropout on the adapter input, both stacks (the anchor's 0.05 unless ``--lora-dropout``)."""
+    checkpoint_mode: str = "full"
+    """Ours: ``LoRA(checkpoint_mode=...)``, ``full`` (as the anchor) or ``selective`` (attention kept, not redone)."""
 
 
 def random_batches(

@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         default="full",
         help="ours' activation checkpointing: full (as the anchor) or selective (keeps attention outputs)",
     )
+    parser.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep the random checkpoints in --workdir and reuse them in later runs (same preset, layers, seed, init)",
+    )
     parser.add_argument("--json", help="write the rows (and versions, device, command) to this file")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         repeat=max(1, args.repeat),
         lora_dropout=args.lora_dropout,
         checkpoint_mode=args.checkpoint_mode,
+        keep_models=args.keep_models,
         log=lambda s: print(f"  .. {s}", flush=True),
     )
     table = format_table(rows)

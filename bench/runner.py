@@ -119,7 +119,8 @@ def run_bench(
         repeat: run each stack this many times, alternating, and keep the run with the median tok/s (peaks: max).
         lora_dropout: adapter dropout of both stacks.
         checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``.
-        keep_models: leave the random checkpoints in ``workdir`` (``<preset>-<layers>L``) instead of deleting them.
+        keep_models: leave the random checkpoints in ``workdir`` (``<preset>-<layers>L``) instead of deleting them,
+            and reuse one a previous run left there with the same architecture, seed and init.
         log: progress printer.
     """
     if device == "cuda" and not torch.cuda.is_available():
@@ -136,10 +137,19 @@ def run_bench(
         for arch, cells in workloads_for(preset, device, base, layers, shapes, steps, warmup, init_std, seed, threads):
             init = arch.pop("_init_std")
             model_dir = Path(cells[0].model_dir)
-            t = time.perf_counter()
-            n = build_model_dir(arch, model_dir, build_device, seed=seed, init_std=init)
-            took = time.perf_counter() - t
-            log(f"built {arch['num_hidden_layers']}-layer model ({n / 1e9:.3f}B params) in {took:.0f} s")
+            recipe = {"arch": arch, "seed": seed, "init_std": init}
+            marker = model_dir / "bench_model.json"  # written last: a killed build is never reused
+            kept = json.loads(marker.read_text()) if keep_models and marker.is_file() else None
+            if kept is not None and kept["recipe"] == recipe:
+                n = kept["n_params"]
+                log(f"reusing the {arch['num_hidden_layers']}-layer model in {model_dir} ({n / 1e9:.3f}B params)")
+            else:
+                t = time.perf_counter()
+                marker.unlink(missing_ok=True)
+                n = build_model_dir(arch, model_dir, build_device, seed=seed, init_std=init)
+                marker.write_text(json.dumps({"recipe": recipe, "n_params": n}))
+                took = time.perf_counter() - t
+                log(f"built {arch['num_hidden_layers']}-layer model ({n / 1e9:.3f}B params) in {took:.0f} s")
             for w in cells:
                 w.n_params = n
                 w.lora_dropout = lora_dropout

@@ -101,6 +101,22 @@ def test_compiled_stack_runs_every_block_compiled_without_graph_breaks(bench, tm
     assert any("no MLP call counter" in line for line in bench.notes(rows, "cpu", "micro", None))
 
 
+def test_kept_models_are_reused_only_for_the_same_recipe(bench, tmp_path):
+    def run(seed: int) -> list[str]:
+        logs: list[str] = []
+        bench.run_bench(
+            preset="micro", device="cpu", stacks=("ours",), isolate=False, workdir=tmp_path, seed=seed,
+            steps=1, warmup=0, keep_models=True, log=logs.append,
+        )  # fmt: skip
+        return logs
+
+    assert run(0)[0].startswith("built 2-layer model")
+    weights = tmp_path / "micro-2L" / "model.safetensors"
+    built = weights.read_bytes()
+    assert run(0)[0].startswith("reusing the 2-layer model") and weights.read_bytes() == built
+    assert run(1)[0].startswith("built 2-layer model") and weights.read_bytes() != built  # another seed: rebuilt
+
+
 def test_quantized_bits_match_hf_bitsandbytes_loading(bench, tmp_path):
     """Our quantize-on-load path stores exactly the codes and constants HF's BitsAndBytesConfig path does."""
     from conftest import load_with_hf_bitsandbytes

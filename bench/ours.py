@@ -113,6 +113,30 @@ def fast_path_info(pl_module: Any) -> dict[str, Any]:
     }
 
 
+def bench_trainer(device: str, callbacks: list[Any], max_steps: int, root: str) -> Any:
+    """The benchmarks' ``Trainer``: NF4 + paged AdamW 32-bit on one device, training only (no logging, validation,
+    checkpoints, progress bar or model summary)."""
+    import lightning as L
+
+    from lightning_qlora import NF4Precision, PagedOptimizerStrategy
+
+    return L.Trainer(
+        accelerator="cuda" if device == "cuda" else "cpu",
+        devices=1,
+        plugins=[NF4Precision()],
+        callbacks=callbacks,
+        strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+
+
 def run_ours_compiled(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
     """``run_ours`` with ``LoRA(compile_blocks=True)``: each decoder layer compiled (the compile is in the warmup)."""
     from torch._dynamo.utils import counters
@@ -124,21 +148,18 @@ def run_ours_compiled(w: Workload, peak_tflops: float | None, isolated: bool) ->
 
 def run_ours(w: Workload, peak_tflops: float | None, isolated: bool, compile_blocks: bool = False) -> Row:
     """lightning_qlora: Trainer + NF4Precision + LoRA callback + PagedOptimizerStrategy fitting CausalLM."""
-    import lightning as L
     from torch.utils.data import DataLoader
 
-    from lightning_qlora import LoRA, NF4Precision, PagedOptimizerStrategy
+    from lightning_qlora import LoRA
     from lightning_qlora.model import CausalLM
 
     probe = MemoryProbe(w.device)
     probe.reset()
     timer = step_timer_class()(w.device, probe)
     root = tempfile.mkdtemp(prefix="qlora_bench_trainer_")
-    trainer = L.Trainer(
-        accelerator="cuda" if w.device == "cuda" else "cpu",
-        devices=1,
-        plugins=[NF4Precision()],
-        callbacks=[
+    trainer = bench_trainer(
+        w.device,
+        [
             LoRA(
                 r=LORA["r"],
                 alpha=LORA["alpha"],
@@ -149,15 +170,8 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool, compile_blo
             ),
             timer,
         ],
-        strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
-        max_steps=w.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
+        w.steps,
+        root,
     )
     # bitsandbytes' AdamW defaults to weight_decay=0.01, which the anchor uses; CausalLM's default is 0
     module = CausalLM(model=w.model_dir, weight_decay=0.01, lr=LR)

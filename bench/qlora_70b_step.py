@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from measure import GIB, MemoryProbe, device_name, mfu, peak_rss_bytes, versions  # noqa: E402
-from ours import build_and_step_probe_class  # noqa: E402
+from ours import bench_trainer, build_and_step_probe_class  # noqa: E402
 from workloads import LLAMA_2_70B, LORA, LR, llama_config, random_batches  # noqa: E402
 
 from lightning_qlora.atomic import atomic_write_text  # noqa: E402
@@ -153,10 +153,9 @@ def run_step(
     Raises:
         SystemExit: for ``device="cuda"`` without a visible GPU, or a CPU run planned over ``cpu_max_gib``.
     """
-    import lightning as L
     from torch.utils.data import DataLoader
 
-    from lightning_qlora import LoRA, NF4Precision, PagedOptimizerStrategy
+    from lightning_qlora import LoRA
     from lightning_qlora.lora import LoRAConfig
     from lightning_qlora.model import CausalLM
     from lightning_qlora.planner import plan_memory
@@ -187,21 +186,8 @@ def run_step(
     root = tempfile.mkdtemp(prefix="qlora_70b_trainer_")
     try:
         torch.manual_seed(seed)
-        trainer = L.Trainer(
-            accelerator="cuda" if device == "cuda" else "cpu",
-            devices=1,
-            plugins=[NF4Precision()],
-            callbacks=[timer, LoRA(**lora)],  # the timer first: it times the build inside LoRA's wrapper
-            strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=root,
-        )
+        # the timer first: it times the build inside LoRA's wrapper
+        trainer = bench_trainer(device, [timer, LoRA(**lora)], steps, root)
         module = CausalLM(model=str(config_path), init="random", init_std=init_std, lr=LR, weight_decay=0.01)
         batches = random_batches(steps, batch_size, seq_len, arch["vocab_size"], seed)
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))

@@ -26,9 +26,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_qlora.lora import LoRALinear
-from lightning_qlora.losses import chunked_cross_entropy
-from lightning_qlora.quantization import QuantizationConfig, linear_to_4bit
+from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.models.losses import chunked_cross_entropy
+from lightning_qlora.quantization.nf4 import QuantizationConfig, linear_to_4bit
 
 
 def sync(device: str) -> None:

@@ -95,15 +95,15 @@ def step_timer_class() -> type:
 
 def fast_path_info(pl_module: Any) -> dict[str, Any]:
     """Which of lightning_qlora's fast paths the run takes: fused LoRA layers and the chunked loss."""
-    from lightning_qlora.lora import lora_modules
-    from lightning_qlora.lora_function import fused_base_weight
-    from lightning_qlora.losses import chunked_loss_unsupported
+    from lightning_qlora.lora.function import fused_base_weight
+    from lightning_qlora.lora.layer import lora_modules
+    from lightning_qlora.models.losses import chunked_loss_unsupported
 
     layers = [m for _, m in lora_modules(pl_module)]
     fused = sum(1 for m in layers if m.fused and fused_base_weight(m.base_layer) is not None)
     chunk = pl_module.hparams.get("loss_chunk_size")
     reason = chunked_loss_unsupported(pl_module.model) if chunk else "loss_chunk_size=None"
-    from lightning_qlora.compilation import is_compiled
+    from lightning_qlora.models.compilation import is_compiled
 
     return {
         "compiled_blocks": sum(1 for m in pl_module.modules() if is_compiled(m)),
@@ -151,7 +151,7 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool, compile_blo
     from torch.utils.data import DataLoader
 
     from lightning_qlora import LoRA
-    from lightning_qlora.model import CausalLM
+    from lightning_qlora.models.causal_lm import CausalLM
 
     probe = MemoryProbe(w.device)
     probe.reset()
@@ -215,8 +215,8 @@ def build_and_step_probe_class() -> type:
     own wrapper (injection) stays outside the timed part. On CPU the peak (``live_peak``) is the model and optimizer
     state bytes at the start of each step after ``warmup`` plus the largest live tensor bytes inside the step.
     """
-    from lightning_qlora.footprint import measure_footprint
-    from lightning_qlora.memory_tracker import LiveTensorTracker, tensor_bytes
+    from lightning_qlora.memory.footprint import measure_footprint
+    from lightning_qlora.memory.tracker import LiveTensorTracker, tensor_bytes
 
     class BuildAndStepProbe(step_timer_class()):
         def __init__(self, device: str, probe: MemoryProbe, warmup: int) -> None:

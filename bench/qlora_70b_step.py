@@ -7,7 +7,7 @@ False)``) and fits ``CausalLM(model=<config.json>, init="random")`` under ``ligh
 strategy=PagedOptimizerStrategy("paged_adamw_32bit"))``: every linear is an empty 4-bit shell filled from a random
 draw and quantized one layer at a time, so the bf16 model never exists. Then a few steps on random tokens (batch 1 x
 2048 by default), and one table: build time and host peak RSS, step time, tok/s, MFU, ``max_memory_allocated``
-beside the device-wide used memory, the planner's prediction (``lightning_qlora.planner.plan_memory``) and
+beside the device-wide used memory, the planner's prediction (``lightning_qlora.memory.planner.plan_memory``) and
 PASS/FAIL against the 40 GiB target. Only our stack: HF + peft + bitsandbytes cannot build a 70B model without a
 checkpoint (its comparison stays on ``qlora_vs_hf.py --preset 70b-slice``).
 
@@ -45,8 +45,8 @@ from measure import GIB, MemoryProbe, device_name, mfu, peak_rss_bytes, versions
 from ours import bench_trainer, build_and_step_probe_class  # noqa: E402
 from workloads import LLAMA_2_70B, LORA, LR, llama_config, random_batches  # noqa: E402
 
-from lightning_qlora.atomic import atomic_write_text  # noqa: E402
-from lightning_qlora.dtypes import to_dtype  # noqa: E402
+from lightning_qlora.utils.atomic import atomic_write_text  # noqa: E402
+from lightning_qlora.utils.dtypes import to_dtype  # noqa: E402
 
 
 @dataclass
@@ -156,9 +156,9 @@ def run_step(
     from torch.utils.data import DataLoader
 
     from lightning_qlora import LoRA
-    from lightning_qlora.lora import LoRAConfig
-    from lightning_qlora.model import CausalLM
-    from lightning_qlora.planner import plan_memory
+    from lightning_qlora.lora.layer import LoRAConfig
+    from lightning_qlora.memory.planner import plan_memory
+    from lightning_qlora.models.causal_lm import CausalLM
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; pass --device cpu with tiny dims to test")

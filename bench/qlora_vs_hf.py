@@ -56,7 +56,7 @@ from measure import (  # noqa: E402, F401  (re-exported: tests and notebooks use
 from runner import STACKS, _child, run_bench, run_stack  # noqa: E402, F401
 from workloads import LORA, LR, PRESETS, Workload, build_model_dir, make_batches, parse_shapes  # noqa: E402, F401
 
-from lightning_qlora.atomic import atomic_write_text  # noqa: E402
+from lightning_qlora.utils.atomic import atomic_write_text  # noqa: E402
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

@@ -1,47 +1,51 @@
 """QLoRA for PyTorch Lightning: NF4 precision plugin, LoRA callback, paged-optimizer strategy, lm-eval hooks."""
 
-from lightning_qlora.callback import LoRA
-from lightning_qlora.checkpoint_io import AtomicCheckpointIO, ResumableCheckpoint
-from lightning_qlora.compilation import compile_blocks
+from lightning_qlora.callbacks import (
+    ExactResume,
+    LoRA,
+    NonFiniteGuard,
+    OutOfMemoryAdvice,
+    ResumableCheckpoint,
+    RunSummary,
+)
 from lightning_qlora.data import InstructionDataModule
-from lightning_qlora.distributed import PagedDDPStrategy
-from lightning_qlora.footprint import Footprint, measure_footprint
-from lightning_qlora.fsdp import QLoRAFSDPStrategy
-from lightning_qlora.fsdp2 import QLoRAFSDP2Strategy
-from lightning_qlora.guards import NonFiniteGuard, OutOfMemoryAdvice
 from lightning_qlora.lora import LoRAConfig, LoRALinear
-from lightning_qlora.memory_tracker import LiveTensorTracker
-from lightning_qlora.model import CausalLM
-from lightning_qlora.planner import MemoryPlan, plan_memory
-from lightning_qlora.precision import NF4Precision
+from lightning_qlora.memory import Footprint, LiveTensorTracker, MemoryPlan, measure_footprint, plan_memory
+from lightning_qlora.models import CausalLM, compile_blocks
+from lightning_qlora.plugins import AtomicCheckpointIO, NF4Precision
 from lightning_qlora.quantization import QuantizationConfig, quantize_model
-from lightning_qlora.resume import ExactResume
-from lightning_qlora.strategy import PagedOptimizerStrategy
-from lightning_qlora.summary import RunSummary
+from lightning_qlora.strategies import (
+    PagedDDPStrategy,
+    PagedOptimizerStrategy,
+    QLoRAFSDP2Strategy,
+    QLoRAFSDPStrategy,
+)
+from lightning_qlora.utils.finite import NonFiniteError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CausalLM",
     "ExactResume",
-    "NonFiniteGuard",
-    "OutOfMemoryAdvice",
-    "ResumableCheckpoint",
     "Footprint",
+    "InstructionDataModule",
+    "LiveTensorTracker",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
-    "LiveTensorTracker",
     "MemoryPlan",
     "NF4Precision",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "OutOfMemoryAdvice",
     "PagedDDPStrategy",
     "PagedOptimizerStrategy",
     "QLoRAFSDP2Strategy",
     "QLoRAFSDPStrategy",
     "QuantizationConfig",
+    "ResumableCheckpoint",
     "RunSummary",
-    "CausalLM",
-    "InstructionDataModule",
     "compile_blocks",
     "measure_footprint",
     "plan_memory",

@@ -25,17 +25,30 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_qlora import LoRA, NF4Precision  # noqa: E402
-from lightning_qlora.distributed import (  # noqa: E402
+from lightning_qlora.lora.layer import lora_state_dict  # noqa: E402
+from lightning_qlora.models.causal_lm import CausalLM  # noqa: E402
+from lightning_qlora.strategies.ddp import (  # noqa: E402
     PagedDDPStrategy,
-    ddp_bucket_parameter_names,
     replica_checksums,
     tensor_checksum,
 )
-from lightning_qlora.lora import lora_state_dict  # noqa: E402
-from lightning_qlora.model import CausalLM  # noqa: E402
 
 SEQ = 16
 CLIP = 0.05  # small enough to clip every step: checks that the norm is taken over all ranks' shards
+
+
+def all_bf16_bit_patterns() -> torch.Tensor:
+    """Every 16-bit pattern once, viewed as bf16: 65536 values, 254 of them NaNs (exponent all ones, mantissa != 0).
+
+    Packed 4-bit codes stored as bf16 can form any of them; a byte-exact transport must return them unchanged.
+    """
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def ddp_bucket_parameter_names(wrapped: torch.nn.parallel.DistributedDataParallel) -> list[str]:
+    """Names (in ``wrapped.module``'s naming) of the parameters DDP's reducer all-reduces, as DDP selects them."""
+    reduced = {id(p) for p in wrapped._build_params_for_reducer()[0]}
+    return [name for name, param in wrapped.module.named_parameters() if id(param) in reduced]
 
 
 def token_batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -165,7 +178,7 @@ def run_ddp_compiled(cfg: dict, out: Path, rank: int) -> dict:
 
     from torch._dynamo.utils import counters
 
-    from lightning_qlora.compilation import is_compiled
+    from lightning_qlora.models.compilation import is_compiled
 
     record = Record(seed=100)
     lora = LoRA(r=8, alpha=16, dropout=0.0, compile_blocks=True)
@@ -231,13 +244,13 @@ def run_sharded(cfg: dict, out: Path, rank: int, name: str, make_strategy) -> di
 
 
 def run_fsdp(cfg: dict, out: Path, rank: int) -> dict:
-    from lightning_qlora.fsdp import QLoRAFSDPStrategy
+    from lightning_qlora.strategies.fsdp import QLoRAFSDPStrategy
 
     return run_sharded(cfg, out, rank, "fsdp", lambda: QLoRAFSDPStrategy(state_dict_type="sharded"))
 
 
 def run_fsdp2(cfg: dict, out: Path, rank: int) -> dict:
-    from lightning_qlora.fsdp2 import QLoRAFSDP2Strategy
+    from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
 
     return run_sharded(cfg, out, rank, "fsdp2", QLoRAFSDP2Strategy)
 
@@ -247,8 +260,8 @@ def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from lightning_qlora.fsdp2 import all_bf16_bit_patterns, fully_shard_qlora, unsharded
-    from lightning_qlora.quantization import QuantizationConfig, dequantize_weight, quantize_model
+    from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, quantize_model
+    from lightning_qlora.strategies.fsdp2 import fully_shard_qlora, unsharded
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a.detach().reshape(-1).view(torch.int16), b.detach().reshape(-1).view(torch.int16))

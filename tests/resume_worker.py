@@ -18,9 +18,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision, PagedOptimizerStrategy
-from lightning_qlora.checkpoint_io import ResumableCheckpoint
-from lightning_qlora.guards import NonFiniteGuard
-from lightning_qlora.resume import ExactResume
+from lightning_qlora.callbacks.checkpoint import ResumableCheckpoint
+from lightning_qlora.callbacks.guards import NonFiniteGuard
+from lightning_qlora.callbacks.resume import ExactResume
 
 
 def die() -> None:
@@ -48,7 +48,7 @@ class Killer(pl.Callback):
 def patch_saves(phase: str, step: int) -> None:
     """Kill inside the save of ``last.ckpt`` at global step ``step``: before the rename (``save``: the temp file is
     complete and fsynced) or halfway through writing its bytes (``write``)."""
-    import lightning_qlora.checkpoint_io as cio
+    import lightning_qlora.plugins.checkpoint_io as cio
 
     original = cio.atomic_write_bytes
     state = {"step": -1}

@@ -15,6 +15,22 @@ from lightning_qlora.evaluation.tasks import EvaluationError, validate_tasks
 log = logging.getLogger(__name__)
 
 
+def refuse_sharded(trainer: Trainer, callback: Callback) -> None:
+    """Refuse a callback that runs the model on rank 0 alone under a sharding strategy (it would deadlock).
+
+    Raises:
+        ValueError: naming the callback and what to do instead.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"{type(callback).__name__} runs the model on rank 0 alone, which a sharded strategy "
+            f"({type(trainer.strategy).__name__}) cannot do; remove it and evaluate the exported adapter "
+            "(lightning-qlora evaluate --adapter ...), or train with strategy='paged_ddp'"
+        )
+
+
 class LMEvalCallback(Callback):
     """Evaluate lm-eval tasks at chosen points of training and log the numbers to every Lightning logger.
 
@@ -83,7 +99,12 @@ class LMEvalCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Validate task names and paths on every rank, so all ranks fail together before training."""
+        """Validate task names and paths on every rank, so all ranks fail together before training.
+
+        Raises:
+            ValueError: under a sharding strategy, where the model cannot run on rank 0 alone.
+        """
+        refuse_sharded(trainer, self)
         if stage != "fit":
             return
         for attr in ("model", "tokenizer"):  # `.model` may still be None: configure_model runs after setup

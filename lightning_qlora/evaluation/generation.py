@@ -13,6 +13,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from lightning_qlora.evaluation.tasks import EvaluationError
+from lightning_qlora.utils.imports import lm_eval as optional_lm_eval
 
 
 class GenerationMixin:
@@ -70,7 +71,7 @@ class GenerationMixin:
         if do_sample is False and temp == 0.0:
             kwargs.pop("temperature", None)
         if hasattr(self._model, "generate"):
-            from lm_eval.models.utils_hf import stop_sequences_criteria
+            stop_sequences_criteria = optional_lm_eval("models.utils_hf").stop_sequences_criteria
 
             criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
             out = self._model.generate(

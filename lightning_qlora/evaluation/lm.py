@@ -66,7 +66,7 @@ def _infer_device(root: Any, model: Any) -> torch.device:
 
 
 class LightningLM(GenerationMixin, TemplateLM):
-    """lm-eval model adapter around a live causal LM (e.g. `lightning_qlora.model.CausalLM`).
+    """lm-eval model adapter around a live causal LM (e.g. `lightning_qlora.models.causal_lm.CausalLM`).
 
     Args:
         module_or_model: a module exposing `.model` (called as `model(input_ids=..., attention_mask=...)` and

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.evaluation.tasks import EvaluationError, build_task_manager, load_tasks
+from lightning_qlora.utils.atomic import atomic_write_text
+from lightning_qlora.utils.imports import lm_eval as optional_lm_eval
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def evaluate(
     """Evaluate a causal LM (a module with `.model`/`.tokenizer`, or a model + `tokenizer`) with lm-eval.
 
     Args:
-        module_or_model: e.g. a `lightning_qlora.model.CausalLM`, a transformers causal LM, or a `LightningLM`.
+        module_or_model: e.g. a `lightning_qlora.CausalLM`, a transformers causal LM, or a `LightningLM`.
         tasks: lm-eval task/group names (list or comma-separated), glob patterns, or task YAML paths.
         num_fewshot: few-shot examples per prompt (None: each task's default; tasks pinned to 0 stay 0).
         limit: examples per task (int) or fraction (float < 1); for quick checks only.
@@ -52,7 +53,7 @@ def evaluate(
     Returns:
         lm-eval's results dict (`results`, `groups`, `configs`, `n-shot`, `versions`, ...).
     """
-    import lm_eval
+    lm_eval = optional_lm_eval()
     from lightning.pytorch.utilities.seed import isolate_rng
 
     from lightning_qlora.evaluation.lm import LightningLM
@@ -93,7 +94,7 @@ def evaluate(
 
 def format_results_table(results: dict) -> str:
     """lm-eval's markdown tables (tasks, then groups) for a results dict."""
-    from lm_eval.utils import make_table
+    make_table = optional_lm_eval("utils").make_table
 
     if not results or not results.get("results"):
         return ""
@@ -133,7 +134,7 @@ def write_results_json(results: dict, path: str | os.PathLike) -> Path:
     The JSON is fully serialized before any file is touched, so a failure never leaves a partial file or replaces
     an existing one. Per-sample logs (`results["samples"]`) go to a sibling `<stem>_samples.json`.
     """
-    from lm_eval.utils import handle_non_serializable
+    handle_non_serializable = optional_lm_eval("utils").handle_non_serializable
 
     path = Path(path)
     body = {k: v for k, v in results.items() if k != "samples"}

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from lightning_qlora.atomic import atomic_write_text
+from lightning_qlora.utils.atomic import atomic_write_text
+from lightning_qlora.utils.imports import lm_eval as optional_lm_eval
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,7 @@ def load_demo_mc_dataset(**_: Any):
 
 # ---------------------------------------------------------------------------------------------- MMLU
 def _lm_eval_mmlu_dir() -> Path:
-    import lm_eval.tasks
-
-    return Path(lm_eval.tasks.__file__).resolve().parent / "mmlu" / "default"
+    return Path(optional_lm_eval("tasks").__file__).resolve().parent / "mmlu" / "default"
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,7 +140,7 @@ def write_mmlu_include(mmlu_path: str | os.PathLike, needed: Iterable[str] | Non
     The folder lives under the system temp dir, named by a hash of its inputs, so repeated calls (and DDP ranks)
     share it. All paths inside are absolute.
     """
-    import lm_eval
+    lm_eval = optional_lm_eval()
 
     needed_set = set(mmlu_subjects()) if needed is None else set(needed)
     root, use_readme, present = _check_mmlu_dir(mmlu_path, needed_set)
@@ -182,7 +181,7 @@ def _task_manager(include_paths: tuple[str, ...], include_defaults: bool):
 
 @functools.lru_cache(maxsize=8)
 def _cached_task_manager(include_paths: tuple[str, ...], include_defaults: bool, _stamp: tuple):
-    from lm_eval.tasks import TaskManager
+    TaskManager = optional_lm_eval("tasks").TaskManager
 
     index_log = logging.getLogger("lm_eval.tasks._index")
     flt = _DropOverrideWarnings()

@@ -1,0 +1,98 @@
+"""Exact resume: after a crash, ``fit(ckpt_path="last")`` ends with the same adapter bits as an uninterrupted run.
+
+Lightning restores weights, optimizer, LR schedulers, loop counters and the gradient-accumulation phase (checkpoints
+are written at optimizer-step boundaries). Two things it leaves out are added here:
+
+* **Data position**: :class:`~lightning_qlora.data.loader.ResumableDataLoader` records how many batches of the
+  current epoch were trained and, on resume, skips exactly those (the epoch's order is a pure function of
+  ``seed + epoch``), so no row is seen twice or missed. Lightning saves and restores it as a stateful loader.
+* **Randomness** (dropout masks): :class:`ExactResume` reseeds torch, Python and NumPy before every training batch
+  from ``(seed, epoch, batch_idx)``, as fairseq does per update. RNG draws between batches (validation, lm-eval,
+  a fresh DataLoader iterator) then cannot shift the masks of later steps, with or without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _Stateful
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+
+def is_resumable(trainer: pl.Trainer) -> bool:
+    """Whether every training loader of ``trainer`` restores its position (Lightning's stateful-loader protocol)."""
+    loader = trainer.fit_loop._combined_loader
+    return loader is not None and all(isinstance(dl, _Stateful) for dl in loader.flattened)
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
+    """The seed of one training batch: a fixed mix of the run seed, epoch, batch index and process rank.
+
+    The rank term gives data-parallel ranks different dropout masks; it is 0 in a single process.
+    """
+    return (seed * 1_000_003 + epoch * 10_007 + batch_idx + rank * 1_000_000_007) % (2**63 - 1)
+
+
+class ExactResume(Callback):
+    """Make a fine-tune resumable to the bit: per-batch seeds, and a warning when the data loader cannot resume.
+
+    Use with ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` (or
+    :class:`~lightning_qlora.plugins.checkpoint_io.ResumableCheckpoint`) and resume with ``ckpt_path="last"``.
+
+    Args:
+        seed: run seed; default the one given to ``seed_everything`` (``PL_GLOBAL_SEED``), else 0. A resumed run
+            uses the seed stored in the checkpoint.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._warned = False
+
+    @property
+    def state_key(self) -> str:
+        """One state per Trainer, whatever the arguments."""
+        return "ExactResume"
+
+    def _run_seed(self) -> int:
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self.seed
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._warned and trainer.num_training_batches != float("inf") and not is_resumable(trainer):
+            self._warned = True
+            rank_zero_warn(
+                "ExactResume: the training DataLoader does not record its position, so a resumed run restarts its "
+                "epoch; use InstructionDataModule or a lightning_qlora.callbacks.resume.ResumableDataLoader"
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        seed = step_seed(self._run_seed(), trainer.current_epoch, idx, trainer.global_rank)
+        torch.manual_seed(seed)  # all devices
+        random.seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed % 2**32)
+        except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+            pass
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self._run_seed()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("seed")
+        if saved is not None and self.seed is not None and int(saved) != self.seed:
+            rank_zero_warn(f"ExactResume: resuming with the checkpoint's seed {saved} instead of seed={self.seed}")
+        if saved is not None:
+            self.seed = int(saved)

@@ -1,0 +1,253 @@
+"""Fused LoRA linear: one autograd function for ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` over a frozen base.
+
+The base weight ``W0`` is either a bitsandbytes 4-bit ``Params4bit`` (dequantized on the fly, in forward and again in
+backward, never kept) or a frozen full-precision ``nn.Linear`` weight. Backward needs only ``x`` (the input in the
+adapter's compute dtype, the input tensor itself when the dtypes agree) and the small ``x·Aᵀ`` (tokens × r):
+
+* ``grad_x = g·W0 + s·((g·B)·A) ⊙ mask/(1-p)``, with ``W0`` dequantized again;
+* ``grad_B = s·gᵀ·(drop(x)·Aᵀ)`` and ``grad_A = s·(g·B)ᵀ·drop(x)``;
+* nothing for ``W0`` (frozen); ``grad_b = Σ_tokens g`` only when the bias trains.
+
+Dropout keeps no copy of ``drop(x)``: the mask is drawn by the same ``native_dropout`` call ``F.dropout`` makes (the
+same RNG draws, so the same mask as the plain path for the same RNG state) and kept bit-packed, 1 bit per element
+(1/16 of a bf16 ``x``); backward unpacks it. (Replaying the RNG instead would cost a second draw, which on CPU takes
+as long as a third of the layer's matmuls.) With dropout 0 nothing random happens and no mask exists.
+
+Dtypes follow what autograd gives the plain path: under autocast every matmul runs in the autocast dtype and the
+fp32 master ``A``/``B`` get fp32 gradients of the low-precision products; without autocast the base computes in its
+own compute dtype (the 4-bit layer's ``compute_dtype``, the plain weight's dtype) and the adapter in its own dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_qlora.quantization.nf4 import ensure_canonical_packing, is_4bit_linear
+from lightning_qlora.utils.imports import bitsandbytes
+
+
+@dataclass(frozen=True)
+class FusedLoRASpec:
+    """Everything about one fused call that is not a tensor autograd tracks."""
+
+    scaling: float
+    """Factor ``s`` on the update ``B·A·x``."""
+    dropout: float
+    """Dropout probability on the adapter input (0 in eval mode)."""
+    base_dtype: torch.dtype
+    """Dtype of the base matmul ``x·W0ᵀ``."""
+    lora_dtype: torch.dtype
+    """Dtype of the adapter matmuls."""
+    out_dtype: torch.dtype
+    """Dtype of the result (what the plain path returns)."""
+    quant_state: Any = None
+    """bitsandbytes ``QuantState`` of a 4-bit base; ``None`` for a plain weight."""
+
+
+def _dequantized(weight: torch.Tensor, spec: FusedLoRASpec) -> torch.Tensor:
+    """``W0`` in the base compute dtype: bitsandbytes' own dequantization of the packed codes, or the plain weight."""
+    if spec.quant_state is None:
+        return weight.to(spec.base_dtype)
+    dequantize_4bit = bitsandbytes().functional.dequantize_4bit
+
+    return dequantize_4bit(weight, spec.quant_state).to(spec.base_dtype)
+
+
+_UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
+_BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
+_PACK_MAGIC = 0x0102040810204080  # byte i of a word (0 or 1) lands on bit 56 + i of word · magic, without carries
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor packed 8 elements per byte (element 8k + i is bit i of byte k; zero-padded to 8)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if torch.compiler.is_compiling():  # one fused kernel under torch.compile (the bytes view below breaks the graph)
+        bits = flat.view(-1, 8).to(torch.uint8).bitwise_left_shift(_BIT_POSITIONS.to(flat.device))
+        return bits.sum(1, dtype=torch.uint8)
+    if not pad and flat.storage_offset() % 8:
+        flat = flat.clone()
+    words = flat.view(torch.uint8).view(torch.int64)  # 8 bytes of 0/1 per word (storage is 8-byte aligned)
+    return words.mul(_PACK_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: the boolean tensor of ``shape`` (one table lookup per byte)."""
+    if torch.compiler.is_compiling():  # shifts fuse into one kernel; the cached table below would break the graph
+        bits = packed.unsqueeze(1).bitwise_right_shift(_BIT_POSITIONS.to(packed.device)).bitwise_and_(1)
+        return bits.view(-1)[: shape.numel()].view(shape).bool()
+    table = _UNPACK_TABLES.get(packed.device)
+    if table is None:
+        bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
+        table = torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(1).bitwise_and(bits).ne(0)
+        _UNPACK_TABLES[packed.device] = table
+    return table.index_select(0, packed.long()).view(-1)[: shape.numel()].view(shape)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd function for a frozen linear + LoRA update; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        spec: FusedLoRASpec,
+    ) -> torch.Tensor:
+        """Compute ``x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``; ``weight`` is packed codes when ``spec.quant_state`` is set."""
+        with torch.autocast(x.device.type, enabled=False):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            packed = None
+            if spec.dropout > 0:
+                dropped, keep = torch.ops.aten.native_dropout(x2, spec.dropout, True)  # what F.dropout runs
+                packed = pack_mask(keep)
+                del keep
+                dropped = dropped.to(spec.lora_dtype)
+            else:
+                dropped = x2.to(spec.lora_dtype)
+            a = lora_A.to(spec.lora_dtype)
+            b = lora_B.to(spec.lora_dtype)
+            xa = dropped @ a.t()  # (tokens, r): the only adapter activation backward keeps
+            w0 = _dequantized(weight, spec)
+            base_bias = None if bias is None else bias.to(spec.base_dtype)
+            base = F.linear(x2.to(spec.base_dtype), w0, base_bias)
+            del w0
+            if base.dtype == spec.lora_dtype:
+                out = base.addmm_(xa, b.t(), alpha=spec.scaling)  # base + s·(x·Aᵀ)·Bᵀ without an extra copy
+            else:
+                out = base.to(spec.out_dtype) + (torch.mm(xa, b.t()) * spec.scaling).to(spec.out_dtype)
+            out = out.to(spec.out_dtype)
+            del dropped
+        x_saved = x2.to(spec.lora_dtype)  # the input itself when the dtypes agree: no copy
+        ctx.save_for_backward(x_saved, xa, lora_A, lora_B, packed)
+        ctx.weight = weight  # a frozen parameter: no activation memory, and not recomputed by checkpointing
+        ctx.spec = spec
+        ctx.x_dtype = x.dtype
+        ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for ``x``, ``bias`` (if it trains), ``A`` and ``B``; none for ``W0``."""
+        x_saved, xa, lora_A, lora_B, packed = ctx.saved_tensors
+        spec: FusedLoRASpec = ctx.spec
+        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        grad_x = grad_bias = grad_a = grad_b = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            g_lora = g.to(spec.lora_dtype)
+            a = lora_A.to(spec.lora_dtype)
+            b = lora_B.to(spec.lora_dtype)
+            gb = None
+            if need_x or need_a:
+                # s·g·B (tokens, r); with dropout also the 1/(1-p) of the kept elements, folded in while it is small
+                scale = spec.scaling / (1 - spec.dropout) if packed is not None else spec.scaling
+                gb = torch.mm(g_lora, b).mul_(scale)
+            keep = None if packed is None else unpack_mask(packed, x_saved.shape)  # the forward's dropout mask
+            if need_b:
+                grad_b = torch.mm(g_lora.t(), xa).mul_(spec.scaling).to(lora_B.dtype)
+            if need_a:
+                dropped = x_saved if keep is None else torch.where(keep, x_saved, x_saved.new_zeros(()))
+                grad_a = torch.mm(gb.t(), dropped).to(lora_A.dtype)
+                del dropped
+            if need_x:
+                w0 = _dequantized(ctx.weight, spec)
+                gx = torch.mm(g.to(spec.base_dtype), w0)
+                del w0
+                if keep is None and gx.dtype == spec.lora_dtype:
+                    gx.addmm_(gb, a)
+                else:
+                    lora_gx = torch.mm(gb, a)
+                    if keep is not None:
+                        lora_gx = torch.where(keep, lora_gx, lora_gx.new_zeros(()))  # 0-dim: faster than 0
+                    gx = gx.to(ctx.x_dtype).add_(lora_gx.to(ctx.x_dtype))
+                grad_x = gx.to(ctx.x_dtype).reshape(*grad_out.shape[:-1], gx.shape[-1])
+            if need_bias:
+                grad_bias = g.sum(0).to(ctx.bias_meta[0])
+        return grad_x, None, grad_bias, grad_a, grad_b, None
+
+
+def fused_base_weight(base: nn.Module) -> tuple[torch.Tensor, Any] | None:
+    """``(weight, quant_state)`` of a base layer the fused path can run over, or ``None`` if it cannot.
+
+    Supported: a bitsandbytes 4-bit linear holding a quantized ``Params4bit`` (``quant_state`` set), and an exact
+    ``nn.Linear`` with a frozen floating-point weight. Anything else (a stacked adapter, an unloaded shell, a
+    trainable base weight, a subclass with its own forward) keeps the plain path.
+    """
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or weight.requires_grad:
+        return None
+    if type(base) is nn.Linear:
+        return (weight, None) if weight.is_floating_point() else None
+    if not is_4bit_linear(base):
+        return None
+    bnb = bitsandbytes()
+
+    if not isinstance(weight, bnb.nn.Params4bit):
+        return None
+    ensure_canonical_packing(base)  # a CPU inference repack would make the packed codes unreadable here
+    fix_4bit_weight_quant_state_from_module = bitsandbytes().nn.modules.fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)
+    state = getattr(base.weight, "quant_state", None)
+    return (base.weight.data, state) if state is not None else None
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    base: nn.Module,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout: float,
+) -> torch.Tensor | None:
+    """The fused LoRA forward over ``base``, or ``None`` when it does not apply (the caller runs the plain path).
+
+    Args:
+        x: input, ``(..., in_features)``.
+        base: the frozen base layer (4-bit or plain ``nn.Linear``).
+        lora_A: adapter down-projection, ``(r, in_features)``.
+        lora_B: adapter up-projection, ``(out_features, r)``.
+        scaling: factor ``s`` on the update.
+        dropout: dropout probability on the adapter input (pass 0 in eval mode).
+
+    Returns:
+        ``x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` in the dtype the plain path returns, or ``None``.
+    """
+    if not x.is_floating_point():
+        return None
+    found = fused_base_weight(base)
+    if found is None:
+        return None
+    weight, quant_state = found
+    bias = getattr(base, "bias", None)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute = torch.get_autocast_dtype(device_type)
+        base_dtype = lora_dtype = compute
+        out_dtype = x.dtype if quant_state is not None else compute  # 4-bit layers return the input's dtype
+    else:
+        if quant_state is not None:
+            base_dtype = getattr(base, "compute_dtype", None) or x.dtype
+        elif x.dtype != weight.dtype:
+            return None  # the plain path raises torch's own dtype-mismatch error
+        else:
+            base_dtype = weight.dtype
+        lora_dtype = lora_A.dtype
+        out_dtype = x.dtype
+    spec = FusedLoRASpec(scaling, dropout, base_dtype, lora_dtype, out_dtype, quant_state)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, spec)
+
+
+__all__ = ["FusedLoRASpec", "LoRALinearFunction", "fused_base_weight", "fused_lora_linear", "pack_mask", "unpack_mask"]

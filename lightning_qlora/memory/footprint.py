@@ -1,0 +1,102 @@
+"""What a quantized model really occupies: bits per 4-bit parameter, and bytes by kind of tensor."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lightning_qlora.lora.layer import is_lora_parameter
+from lightning_qlora.quantization.nf4 import is_4bit_linear
+from lightning_qlora.utils.formatting import format_bytes
+
+
+@dataclass
+class Footprint:
+    """Bytes held by a model, split by kind."""
+
+    quantized_params: int
+    """Number of weights stored in 4 bits."""
+    quantized_bytes: int
+    """Bytes of the 4-bit codes plus all quantization constants (absmax, nested absmax, code tables, offsets)."""
+    unquantized_params: int
+    """Parameters kept in full precision (embeddings, norms, biases, output head), adapters excluded."""
+    unquantized_bytes: int
+    """Bytes of those parameters."""
+    adapter_params: int
+    """LoRA parameters."""
+    adapter_bytes: int
+    """Bytes of the LoRA parameters."""
+
+    @property
+    def bits_per_quantized_param(self) -> float:
+        """Average storage per 4-bit weight, constants included (NF4+DQ ≈ 4.127, without DQ ≈ 4.5)."""
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the model holds."""
+        return self.quantized_bytes + self.unquantized_bytes + self.adapter_bytes
+
+    def as_dict(self) -> dict[str, float]:
+        """Fields plus derived numbers, for loggers."""
+        out: dict[str, float] = {k: float(v) for k, v in asdict(self).items()}
+        out["bits_per_quantized_param"] = self.bits_per_quantized_param
+        out["total_bytes"] = float(self.total_bytes)
+        return out
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"{self.quantized_params / 1e6:.2f}M params in 4 bits ({self.bits_per_quantized_param:.3f} bits/param, "
+            f"{format_bytes(self.quantized_bytes)}), {self.unquantized_params / 1e6:.2f}M unquantized "
+            f"({format_bytes(self.unquantized_bytes)}), {self.adapter_params / 1e6:.2f}M adapter "
+            f"({format_bytes(self.adapter_bytes)})"
+        )
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def quant_state_bytes(state, seen_storage: set[int] | None = None) -> int:
+    """Bytes of a bitsandbytes ``QuantState``: absmax, code table, offset, and the nested state when present.
+
+    Tensors whose storage is in ``seen_storage`` (lookup tables bitsandbytes shares between layers) count once.
+    """
+    seen_storage = set() if seen_storage is None else seen_storage
+    total = 0
+    for name in ("absmax", "code", "offset"):
+        value = getattr(state, name, None)
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen_storage:
+            seen_storage.add(value.untyped_storage().data_ptr())
+            total += _tensor_bytes(value)
+    nested = getattr(state, "state2", None)
+    if getattr(state, "nested", False) and nested is not None:
+        total += quant_state_bytes(nested, seen_storage)
+    return total
+
+
+def measure_footprint(model: nn.Module) -> Footprint:
+    """Count the bytes of ``model`` by kind (shared tensors are counted once)."""
+    seen: set[int] = set()
+    shared_tables: set[int] = set()
+    q_params = q_bytes = u_params = u_bytes = a_params = a_bytes = 0
+    for module in model.modules():
+        if is_4bit_linear(module):
+            weight = module.weight
+            seen.add(id(weight))
+            q_params += module.in_features * module.out_features
+            q_bytes += _tensor_bytes(weight.data) + quant_state_bytes(weight.quant_state, shared_tables)
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if is_lora_parameter(name):
+            a_params += param.numel()
+            a_bytes += _tensor_bytes(param)
+        else:
+            u_params += param.numel()
+            u_bytes += _tensor_bytes(param)
+    return Footprint(q_params, q_bytes, u_params, u_bytes, a_params, a_bytes)

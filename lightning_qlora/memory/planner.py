@@ -1,0 +1,396 @@
+"""Predict the memory of a QLoRA training step before running it: weights, adapters, optimizer, activations.
+
+Parameter, adapter and optimizer bytes are counted exactly, from the model built on the ``meta`` device (no
+memory) and bitsandbytes' storage rules. Activations follow what autograd keeps for a Llama-style decoder layer
+under bf16 autocast with SDPA attention (no ``seq²`` term) and the fused LoRA function, per token:
+``8h`` (two RMSNorms' fp32 copies) ``+ 4h`` (the two normed inputs) ``+ 2q+2kv+2kv+2q+4·heads`` (SDPA's q, k, v,
+output = o_proj's input, log-sum-exp) ``+ 4·2i`` (SiLU input/output, up, their product) ``+ 2r`` and a 1-bit dropout
+mask per adapter input. Gradient checkpointing keeps only each layer's input (``2h``) plus one recomputed layer.
+The loss keeps ``12·vocab`` bytes per token at its peak with transformers' loss (fp32 log-softmax output, its
+gradient and the logits' gradient); the chunked loss of :mod:`lightning_qlora.models.losses` ``6·vocab`` per token of
+one chunk. The measured check is ``tests/test_planner.py`` (live tensor bytes of a CPU step, within 15%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
+from lightning_qlora.memory.storage_bytes import code_table_bytes, optimizer_bytes, quantized_bytes
+from lightning_qlora.quantization.nf4 import QuantizationConfig, is_skipped
+from lightning_qlora.utils.dtypes import DTypeLike, dtype_name, to_dtype
+from lightning_qlora.utils.formatting import GIB, MIB, format_bytes
+
+__all__ = ["MemoryPlan", "code_table_bytes", "optimizer_bytes", "plan_memory", "quantized_bytes"]
+
+CUDA_WORKSPACE_BYTES = 64 * 2**20  # cuBLAS/cuDNN workspaces the caching allocator holds during a step
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted bytes of one training step on one device (sizes in bytes; ``format_table`` prints GiB or MiB)."""
+
+    quantized_weights: int
+    """4-bit codes plus absmax, nested constants and shared code tables, as bitsandbytes stores them."""
+    quantized_params: int
+    """Number of weights stored in 4 bits (on this device: divided by the device count under FSDP)."""
+    unquantized_weights: int
+    """Embeddings, norms, biases and the output head in their dtype."""
+    adapters: int
+    """LoRA ``A``/``B`` master weights."""
+    adapter_params: int
+    """Number of LoRA parameters (on this device)."""
+    gradients: int
+    """Gradients of the adapters (all alive at the end of backward)."""
+    optimizer_states: int
+    """Optimizer state bytes (paged or not)."""
+    paged_optimizer_states: int
+    """The part of ``optimizer_states`` in CUDA managed memory (invisible to ``torch.cuda.max_memory_allocated``)."""
+    activations: int
+    """Largest activation bytes during the step (the dequantized weight being multiplied included), with the
+    planned checkpointing setting."""
+    activations_with_checkpointing: int
+    """Activation peak with gradient checkpointing on."""
+    activations_without_checkpointing: int
+    """Activation peak with gradient checkpointing off."""
+    overhead: int
+    """cuBLAS workspaces (CUDA), plus FSDP's gathered layers or DDP's gradient buckets on several devices."""
+    resident: int
+    """Bytes alive between steps: weights, adapters and the unpaged optimizer state."""
+    peak: int
+    """Predicted peak of the device allocator (what ``torch.cuda.max_memory_allocated`` reports); gradients and
+    activations peak at different moments of the step, so it is less than the sum of the parts."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What was planned: model size, batch, sequence, LoRA, optimizer, devices, sharding."""
+
+    @property
+    def total(self) -> int:
+        """Peak plus the paged optimizer state: device memory used when nothing is paged out."""
+        return self.peak + self.paged_optimizer_states
+
+    @property
+    def step_bytes(self) -> int:
+        """What one step allocates on top of the resident bytes: activations, gradients, temporaries."""
+        return self.peak - self.resident
+
+    @property
+    def bits_per_quantized_param(self) -> float:
+        """Average storage per 4-bit weight, constants included."""
+        return 8 * self.quantized_weights / self.quantized_params if self.quantized_params else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Fields plus ``total``, for JSON and loggers."""
+        return {**asdict(self), "total": self.total}
+
+    def replan(self, **changes: Any) -> MemoryPlan:
+        """The same plan with some :func:`plan_memory` arguments changed (e.g. ``batch_size=2``)."""
+        return plan_memory(**{**self.settings["arguments"], **changes})
+
+    def advice(self, budget_bytes: int) -> list[str]:
+        """Short suggestions that lower the predicted peak toward ``budget_bytes``; empty when it already fits.
+
+        Each names the change and the peak it leads to; a change that would not lower the peak is left out.
+        """
+        if self.peak <= budget_bytes:
+            return []
+        s, args = self.settings, self.settings["arguments"]
+        options: list[tuple[str, dict[str, Any]]] = []
+        if not s["gradient_checkpointing"]:
+            options.append(("turn gradient checkpointing on (LoRA(gradient_checkpointing=True))",
+                            {"gradient_checkpointing": True}))  # fmt: skip
+        batch, fitting, low, high = s["batch_size"], None, 1, s["batch_size"] - 1
+        while low <= high:  # the peak grows with the batch: bisect for the largest one that fits
+            mid = (low + high) // 2
+            if self.replan(batch_size=mid).peak <= budget_bytes:
+                fitting, low = mid, mid + 1
+            else:
+                high = mid - 1
+        if fitting:
+            steps = math.ceil(batch / fitting)
+            text = f"batch {batch} -> {fitting} with accumulate_grad_batches={steps}"
+            options.append((text, {"batch_size": fitting}))
+        if s["optimizer"] != "paged_adamw_8bit":
+            text = "use the paged_adamw_8bit optimizer (PagedOptimizerStrategy)"
+            options.append((text, {"optimizer": "paged_adamw_8bit"}))
+        if to_dtype(s["adapter_dtype"]).itemsize > 2:
+            bf16 = replace(args["lora"], dtype="bfloat16")
+            options.append(("keep adapters in bf16 (LoRA(dtype='bf16'))", {"lora": bf16}))
+        if not args.get("loss_chunk_size"):
+            options.append(("compute the loss in chunks (CausalLM(loss_chunk_size=4096))", {"loss_chunk_size": 4096}))
+        if s["sharding"] != "fsdp" or s["devices"] < 8:
+            n = max(2, s["devices"] * 2) if s["sharding"] == "fsdp" else 2
+            options.append((f"shard with FSDP over {n} GPUs", {"devices": n, "sharding": "fsdp"}))
+        out = []
+        for text, changes in options:
+            peak = self.replan(**changes).peak
+            if peak < self.peak * 0.99:
+                out.append(f"{text}: peak {format_bytes(peak)}{' per GPU' if 'devices' in changes else ''}")
+        weights = format_bytes(self.quantized_weights)
+        return out or [f"nothing simple fits {format_bytes(budget_bytes)}: the 4-bit weights alone need {weights}"]
+
+    def format_table(self, measured_peak: int | None = None) -> str:
+        """A table like the QLoRA paper's memory breakdown (GiB; MiB below 1 GiB), with the measured peak if given."""
+        s = self.settings
+        paged = " (paged: CUDA managed memory)" if self.paged_optimizer_states else ""
+        gc_on = "on" if s["gradient_checkpointing"] else "off"
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", MIB)
+        lines = [
+            f"{s['model']}: {_count(s['params'])} params, batch {s['batch_size']} x {s['seq_len']}, "
+            f"{s['devices']} device(s){' ' + s['sharding'] if s['devices'] > 1 else ''}, checkpointing {gc_on}",
+            "",
+            ("part", unit, "detail"),
+            ("4-bit base weights", self.quantized_weights, f"{_count(self.quantized_params)} params, "
+             f"{self.bits_per_quantized_param:.3f} bits/param ({s['quant']})"),
+            ("unquantized params", self.unquantized_weights, f"embeddings, norms, head in {s['dtype']}"),
+            ("LoRA adapters", self.adapters, f"{self.adapter_params / 1e6:.1f}M params, r={s['r']}, "
+             f"{s['lora_layers']} layers, {s['adapter_dtype']}"),
+            ("adapter gradients", self.gradients, "alive from backward to the optimizer step"),
+            ("optimizer states", self.optimizer_states, f"{s['optimizer']}{paged}"),
+            ("activations, checkpointing on", self.activations_with_checkpointing, "at the step's peak"),
+            ("activations, checkpointing off", self.activations_without_checkpointing, "at the step's peak"),
+            ("overhead", self.overhead, "workspaces; FSDP gathered layers / DDP gradient buckets"),
+            None,
+            ("predicted peak", self.peak, "device allocator (torch.cuda.max_memory_allocated)"),
+        ]
+        if self.paged_optimizer_states:
+            lines.append(("with paged states", self.total, "device-wide when nothing is paged out"))
+        if measured_peak is not None:
+            ratio = self.peak / measured_peak if measured_peak else float("nan")
+            lines.append(("measured peak", measured_peak, f"predicted / measured = {ratio:.3f}"))
+        width = 32
+        out = []
+        for row in lines:
+            if row is None:
+                out.append("-" * (width + 60))
+            elif isinstance(row, str):
+                out.append(row)
+            else:
+                label, value, detail = row
+                number = value if isinstance(value, str) else f"{value / scale:8.2f}"
+                out.append(f"{label.ljust(width)}{number.rjust(8)}  {detail}")
+        return "\n".join(out)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+_META_MODELS: dict[str, nn.Module] = {}
+
+
+def _meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
+    """The model built on the ``meta`` device (no memory), cached per config (the advice re-plans often)."""
+    from transformers import AutoModelForCausalLM
+
+    key = f"{trust_remote_code}:{config.to_json_string()}"
+    if key not in _META_MODELS:
+        if len(_META_MODELS) > 8:
+            _META_MODELS.clear()
+        with torch.device("meta"):
+            _META_MODELS[key] = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return _META_MODELS[key]
+
+
+def _input_group(name: str) -> str:
+    last = name.rsplit(".", 1)[-1]
+    groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}  # fmt: skip
+    return groups.get(last, name)
+
+
+def plan_memory(
+    model: Any,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    lora: LoRAConfig | None = None,
+    quantization: QuantizationConfig | None = None,
+    quantize: bool = True,
+    optimizer: str = "paged_adamw_32bit",
+    gradient_checkpointing: bool = True,
+    dtype: DTypeLike = "bf16",
+    devices: int = 1,
+    sharding: Literal["ddp", "fsdp"] = "ddp",
+    loss_chunk_size: int | None = 4096,
+    device_type: str = "cuda",
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """Predict the memory of one QLoRA training step of a causal LM on each device.
+
+    Args:
+        model: a transformers config: ``PretrainedConfig``, dict with ``model_type``, a model directory or a
+            config ``.json`` (only the config is read; see :func:`lightning_qlora.models.sources.load_config`).
+        batch_size: sequences per step per device.
+        seq_len: tokens per sequence.
+        lora: adapter settings (default ``LoRAConfig()``: r=64 on all linear layers, fp32 master weights).
+        quantization: 4-bit settings (default ``QuantizationConfig()``: NF4 + double quantization, blocks of 64).
+        quantize: ``False`` plans a base kept entirely in ``dtype`` (LoRA without 4 bits).
+        optimizer: a name from :data:`lightning_qlora.optim.paged.OPTIMIZERS`, or ``adamw`` (torch).
+        gradient_checkpointing: whether each decoder layer is recomputed in backward.
+        dtype: dtype of the unquantized parameters and of the residual stream.
+        devices: number of GPUs.
+        sharding: ``ddp`` (a full replica per GPU plus gradient buckets) or ``fsdp`` (weights, adapters, gradients
+            and optimizer states divided by ``devices``, plus two gathered layers).
+        loss_chunk_size: tokens per chunk of :func:`lightning_qlora.models.losses.chunked_cross_entropy` (``CausalLM``'s
+            default 4096); ``None``: transformers' own loss, which keeps fp32 logits of the whole batch.
+        device_type: ``cuda`` adds allocator workspaces; ``cpu`` does not (for checks against CPU measurements).
+        trust_remote_code: allow model code from the checkpoint when building the meta model.
+
+    Returns:
+        The :class:`MemoryPlan`.
+
+    Raises:
+        ValueError: for a batch, sequence or device count below 1, an unknown sharding or optimizer.
+    """
+    from lightning_qlora.models.sources import load_config
+
+    arguments = {k: v for k, v in locals().items() if k != "load_config"}
+    if batch_size < 1 or seq_len < 1 or devices < 1:
+        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}, devices={devices} must all be >= 1")
+    if sharding not in ("ddp", "fsdp"):
+        raise ValueError(f"sharding={sharding!r} is not supported; use 'ddp' or 'fsdp'")
+    lora = lora or LoRAConfig()
+    quantization = (quantization or QuantizationConfig()) if quantize else None
+    arguments["lora"] = lora
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dtype = to_dtype(dtype)
+    e = dtype.itemsize
+    net = _meta_model(config, trust_remote_code)
+
+    # ---- parameters, exactly
+    skip = quantization.skip_modules if quantization else ()
+    tied = {"lm_head"} if getattr(text, "tie_word_embeddings", False) else set()
+    q_params = q_bytes = largest = 0
+    quantized: set[int] = set()
+    for name, module in net.named_modules():
+        if quantization and isinstance(module, nn.Linear) and not is_skipped(name, skip) and name not in tied:
+            n = module.in_features * module.out_features
+            q_params += n
+            q_bytes += quantized_bytes(n, quantization)
+            largest = max(largest, n)
+            quantized.add(id(module.weight))
+    q_bytes += code_table_bytes(quantization) if quantization else 0
+    u_bytes = sum(p.numel() * e for p in net.parameters() if id(p) not in quantized)
+    n_params = sum(p.numel() for p in net.parameters())
+    targets = find_lora_targets(net, lora)
+    shapes = [(t, net.get_submodule(t).in_features, net.get_submodule(t).out_features) for t in targets]
+    a_item = to_dtype(lora.dtype).itemsize
+    numels = [n for _, i, o in shapes for n in (lora.r * i, lora.r * o)]
+    a_params = sum(numels)
+    a_bytes = a_params * a_item
+    opt_bytes, paged = optimizer_bytes(numels, optimizer, to_dtype(lora.dtype))
+    if device_type != "cuda":
+        paged = 0
+
+    # ---- activations per token (see the module docstring)
+    h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    q_dim, kv_dim = heads * head_dim, getattr(text, "num_key_value_heads", heads) * head_dim
+    inter = getattr(text, "intermediate_size", 4 * h)
+    c = (quantization.compute_dtype if quantization else dtype).itemsize  # bytes of the autocast (compute) dtype
+    fused = getattr(lora, "fused", True)
+    layer0 = [(t, i, o) for t, i, o in shapes if ".layers.0." in f".{t}."] or shapes[: len(shapes) // max(layers, 1)]
+    groups = {_input_group(t) for t, _, _ in layer0}
+    lora_saved = 0
+    for t, i, _ in layer0:  # what each adapter keeps: x·Aᵀ, plus its input unless another saver holds it already
+        group = _input_group(t)
+        x_bytes = c if group == "attn_out" else e
+        lora_saved += c * lora.r + (c * i if x_bytes != c else 0)  # an autocast copy when x is not in bf16
+        if fused and lora.dropout > 0:
+            lora_saved += math.ceil(i / 8)  # the dropout mask, one bit per input element
+        elif not fused:
+            lora_saved += (1 + x_bytes) * i if lora.dropout > 0 else 0  # dropout mask and output
+    shared_inputs = e * h * len(groups & {"attn_in", "mlp_in"}) + (e * inter if "mlp_mid" in groups else 0)
+    # two RMSNorms (fp32 copy + rsqrt), SDPA's q, k, v, output (the o_proj input) and log-sum-exp, SiLU in/out, up
+    sdpa = c * (2 * q_dim + 2 * kv_dim) + 4 * heads
+    per_layer = 2 * (4 * h + 4) + sdpa + 3 * e * inter + shared_inputs + lora_saved
+    first_norm = (4 * h + 4) * batch_size * seq_len  # layer 0's input needs no gradient: its norm keeps nothing
+    cast_layer = a_params * c // max(layers, 1) if a_item != c and not fused else 0  # autocast copies of A, B
+    grads_layer = a_bytes // max(layers, 1)
+    # backward of the widest layer: grad from W0, from the adapter, their sum (or SiLU·up's three gradients)
+    widest = max((i for _, i, _ in layer0), default=inter)
+    temps = (3 * c + (1 if fused and lora.dropout > 0 else 0)) * widest  # + the unpacked dropout mask
+    dequantized = c * largest  # W0 of the widest layer, dequantized for its matmul (forward and backward)
+    tokens = batch_size * seq_len
+    head_saved = 4 * h * tokens  # the final norm's fp32 copy
+    if loss_chunk_size:  # fp32 logits of one chunk and their bf16 gradient; grad_h formed in forward, scaled after
+        chunk = min(tokens, loss_chunk_size)
+        loss_fwd, loss_bwd = 6 * vocab * chunk + c * h * chunk + e * h * tokens, 2 * e * h * tokens
+    else:  # transformers' loss: bf16 logits, their fp32 copy, log-softmax (kept), then its gradient and the logits'
+        loss_fwd, loss_bwd = 10 * vocab * tokens, 12 * vocab * tokens
+    ckpt = e * h * tokens  # one checkpointed layer input
+    fixed = 16 * tokens + 2 * 2 * head_dim * tokens  # ids, labels, rotary cos/sin
+
+    def phases(checkpointing: bool) -> list[tuple[int, int]]:
+        """``(activation bytes, gradient bytes)`` at forward end, loss backward, top and bottom layer backward.
+
+        A layer's gradients appear as its saved activations are freed, so each layer phase counts the gradients of
+        the layers done before it only.
+        """
+        saved = layers * ckpt if checkpointing else layers * per_layer * tokens - first_norm
+        casts = cast_layer * layers
+        one = per_layer * tokens + cast_layer + temps * tokens
+        return [
+            (saved + head_saved + loss_fwd + casts + fixed, 0),
+            (saved + head_saved + loss_bwd + (0 if checkpointing else casts) + fixed, 0),
+            ((saved + one if checkpointing else saved + temps * tokens) + fixed + dequantized, 0),
+            ((ckpt + one if checkpointing else one) + fixed + dequantized, a_bytes - grads_layer),
+        ]
+
+    # ---- per device
+    shard = devices if sharding == "fsdp" and devices > 1 else 1
+    weights = (q_bytes + u_bytes + a_bytes) // shard
+    grads = a_bytes // shard
+    states, paged = opt_bytes // shard, paged // shard
+    overhead = CUDA_WORKSPACE_BYTES if device_type == "cuda" else 0
+    if shard > 1:  # one layer gathered for compute plus the next one prefetched
+        overhead += 2 * (q_bytes + a_bytes) // max(layers, 1)
+    elif devices > 1:  # DDP's gradient buckets hold a second copy of the gradients
+        overhead += grads
+    resident = weights + states - paged
+    static = resident + overhead
+
+    def peak_of(checkpointing: bool) -> tuple[int, int]:
+        """(largest activation bytes, largest activations + gradients) over the phases of the step."""
+        steps = phases(checkpointing)
+        return max(a for a, _ in steps), max(a + g // shard for a, g in steps)
+
+    act_on, step_on = peak_of(True)
+    act_off, step_off = peak_of(False)
+    act, step = (act_on, step_on) if gradient_checkpointing else (act_off, step_off)
+    labels = ("forward end", "loss backward", "last layer backward", "first layer backward")
+    step_phases = {k: a + g // shard for k, (a, g) in zip(labels, phases(gradient_checkpointing))}
+    peak = static + max(step, grads)  # the optimizer step holds every gradient
+    name = getattr(config, "_name_or_path", "") or f"{getattr(config, 'model_type', 'model')}"
+    settings = {
+        "model": name or "model", "params": n_params, "batch_size": batch_size, "seq_len": seq_len,
+        "tokens": tokens, "vocab_size": vocab, "layers": layers, "r": lora.r, "lora_layers": len(targets),
+        "adapter_dtype": lora.dtype, "optimizer": optimizer, "gradient_checkpointing": gradient_checkpointing,
+        "dtype": dtype_name(dtype), "devices": devices, "sharding": sharding,
+        "quant": "none" if not quantization else
+        f"{quantization.quant_type}{' + DQ' if quantization.double_quant else ''}, blocks of {quantization.blocksize}",
+        "phases": step_phases, "arguments": arguments,
+    }  # fmt: skip
+    return MemoryPlan(
+        quantized_weights=q_bytes // shard,
+        quantized_params=q_params // shard,
+        unquantized_weights=u_bytes // shard,
+        adapters=a_bytes // shard,
+        adapter_params=a_params // shard,
+        gradients=grads,
+        optimizer_states=states,
+        paged_optimizer_states=paged,
+        activations=act,
+        activations_with_checkpointing=act_on,
+        activations_without_checkpointing=act_off,
+        overhead=overhead,
+        resident=resident,
+        peak=peak,
+        settings=settings,
+    )

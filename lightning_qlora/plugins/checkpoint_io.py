@@ -1,0 +1,157 @@
+"""Checkpoint files that are never half-written and never unpickle code: temp + fsync + rename, ``weights_only`` loads.
+
+Lightning's own ``TorchCheckpointIO`` writes through an fsspec transaction without ``fsync``, and loads with full
+pickle unless told otherwise. :class:`AtomicCheckpointIO` writes each checkpoint to a temp file beside the target,
+flushes it to disk and renames it into place, so a crash at any instant leaves either the previous checkpoint or the
+new one (``last.ckpt`` included, with ``ModelCheckpoint(save_last=True)``); it loads with
+``torch.load(weights_only=True)`` and turns unreadable files into one-line errors that name the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import pickle
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
+from typing_extensions import override
+
+from lightning_qlora.utils.atomic import TEMP_MARK, atomic_write_bytes
+from lightning_qlora.utils.errors import first_line
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint file that cannot be read (truncated, not a checkpoint, or refused by ``weights_only``)."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints atomically (temp file in the same folder, fsync, ``os.replace``, fsync the folder).
+
+    Args:
+        weights_only: load with ``torch.load(weights_only=True)`` (default): tensors, containers and primitives only,
+            never arbitrary pickled code. Set False only for checkpoints you trust that hold other objects.
+        stale_after_s: temp files older than this (left by a killed save) are removed at the next save.
+    """
+
+    def __init__(self, weights_only: bool = True, stale_after_s: float = 3600.0) -> None:
+        super().__init__()
+        self.weights_only = weights_only
+        self.stale_after_s = stale_after_s
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Serialise ``checkpoint`` to ``path`` atomically.
+
+        Raises:
+            TypeError: if ``storage_options`` is given (not supported by this plugin).
+        """
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO.save_checkpoint got storage_options={storage_options!r}; drop them")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path.parent, self.stale_after_s)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialise first: a failure here touches no file
+        atomic_write_bytes(path, buffer.getbuffer())  # temp names never end in .ckpt: `last` skips them
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Load ``path`` with ``torch.load(weights_only=...)`` (this plugin's setting unless given).
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist.
+            CheckpointLoadError: if the file is truncated, not a torch checkpoint, or holds objects that
+                ``weights_only`` loading refuses.
+        """
+        return load_checkpoint_file(path, map_location, self.weights_only if weights_only is None else weights_only)
+
+    @override
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Delete ``path`` (a missing file is fine; a sharded checkpoint folder from FSDP is removed whole)."""
+        if Path(path).is_dir():
+            shutil.rmtree(path)
+            return
+        Path(path).unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(folder: Path, older_than_s: float) -> list[Path]:
+    """Delete ``.<name>.tmp-*`` files older than ``older_than_s`` in ``folder`` (left by a killed save)."""
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(f".*{TEMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
+    """``torch.load`` with one-line errors that name the file and say what to do.
+
+    Args:
+        path: the checkpoint file.
+        map_location: as for :func:`torch.load`.
+        weights_only: refuse pickled code (tensors, containers and primitives only).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointLoadError: if it cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing .ckpt file or ckpt_path=last")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if weights_only and "weights_only" in str(err):
+            culprit = _unsafe_global(str(err))
+            raise CheckpointLoadError(
+                f"checkpoint {path} holds a pickled object ({culprit}) that weights_only loading refuses; if you "
+                "trust the file, load it with AtomicCheckpointIO(weights_only=False)"
+            ) from err
+        raise CheckpointLoadError(
+            f"checkpoint {path} is not a readable torch checkpoint ({first_line(err, 200)})"
+        ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, IndexError, ... for damaged files
+        raise CheckpointLoadError(
+            f"checkpoint {path} is truncated or corrupt ({first_line(err, 200)}); resume from an earlier checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointLoadError(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict"
+        )
+    return checkpoint
+
+
+def _unsafe_global(message: str) -> str:
+    for line in message.splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ")[:160]
+    return "an unsupported global"
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Swap Lightning's plain ``TorchCheckpointIO`` for :class:`AtomicCheckpointIO` (the one place it is installed).
+
+    A checkpoint IO chosen by the user (``Trainer(plugins=[...])`` or a strategy argument) is kept.
+    """
+    strategy: Strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -1,0 +1,61 @@
+"""``NF4Linear``: bitsandbytes' ``Linear4bit`` with a forward that keeps the training layout on CPU.
+
+Importing this module imports bitsandbytes; the rest of the package reaches it lazily.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora.utils.imports import bitsandbytes
+
+bnb = bitsandbytes()
+fix_4bit_weight_quant_state_from_module = bnb.nn.modules.fix_4bit_weight_quant_state_from_module
+
+
+def ensure_canonical_packing(layer: nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference repack of ``layer`` (lossy, so warn) and stop it from happening again.
+
+    bitsandbytes swaps the packed weight into a CPU-specific layout in place when a ``Linear4bit`` runs in eval mode
+    on an input that needs no grad (avx512-bf16 CPUs). Backward through that layout is silently wrong, and the
+    inverse re-quantizes the absmax constants after rounding them to bf16.
+    """
+    layer.support_avx512bf16_for_cpu = False
+    state = getattr(layer.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        _convert_weight_packed_for_cpu_inverse = bitsandbytes().functional._convert_weight_packed_for_cpu_inverse
+
+        warnings.warn(
+            "A 4-bit layer had been repacked by bitsandbytes' CPU inference path (an eval-mode forward outside "
+            "lightning_qlora); restoring the training layout. Its absmax constants were rounded to bf16 by that "
+            "repack, so outputs can differ slightly from the original quantization.",
+            stacklevel=3,
+        )
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+        layer.quant_state = layer.weight.quant_state
+
+
+class NF4Linear(bnb.nn.Linear4bit):
+    """A frozen 4-bit linear layer: ``y = x · dequant(W)ᵀ + b`` computed in ``compute_dtype``.
+
+    Storage is bitsandbytes' ``Params4bit`` (same bits, same state-dict keys as ``Linear4bit``); only the forward
+    differs: it never switches to the CPU inference layout, so a validation pass cannot corrupt later backward.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.support_avx512bf16_for_cpu = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize-and-matmul in ``compute_dtype``; returns the input's dtype."""
+        ensure_canonical_packing(self)
+        fix_4bit_weight_quant_state_from_module(self)
+        input_dtype = x.dtype
+        compute_dtype = self.compute_dtype or x.dtype
+        x = x.to(compute_dtype)
+        bias = None if self.bias is None else self.bias.to(compute_dtype)
+        return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state).to(input_dtype)

@@ -1,0 +1,58 @@
+"""Helpers over ``nn.Module`` trees that every layer of the package needs: the wrapped network, its blocks, names."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def model_root(module: nn.Module) -> nn.Module:
+    """The wrapped network: ``module.model`` when it is a module (a LightningModule around HF), else ``module``."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the prefixes FSDP1, activation checkpointing and ``torch.compile`` insert."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def decoder_blocks(root: nn.Module) -> nn.ModuleList | None:
+    """The repeated blocks of ``root``: its largest ``nn.ModuleList`` (a transformer's layers), ``None`` if none."""
+    return max((m for m in root.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+
+
+def require_decoder_blocks(root: nn.Module, purpose: str) -> nn.ModuleList:
+    """:func:`decoder_blocks`, or one line naming what needed them.
+
+    Raises:
+        ValueError: if ``root`` has no ``ModuleList`` (``purpose`` names what needed the blocks).
+    """
+    blocks = decoder_blocks(root)
+    if blocks is None:
+        raise ValueError(f"{purpose}: {type(root).__name__} has no ModuleList of blocks; turn {purpose} off for it")
+    return blocks
+
+
+def trainable_names(module: nn.Module) -> set[str]:
+    """Unwrapped names of the parameters that require grad (adapters and any module kept trainable)."""
+    return {unwrapped_name(name) for name, p in module.named_parameters() if p.requires_grad}
+
+
+def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
+    """Number of parameters (only trainable ones with ``trainable=True``, only frozen ones with ``False``)."""
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+def same_storage_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names grouped by the storage their tensors share (tied weights land in one group), in ``state``'s order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        empty = tensor.untyped_storage().nbytes() == 0  # all empty storages share data_ptr 0
+        key = (tensor.device, name) if empty else (tensor.device, tensor.untyped_storage().data_ptr())
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())

@@ -1,0 +1,195 @@
+"""Exact resume: real subprocesses killed with SIGKILL at several points, resumed from ``last``, adapter bits equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_qlora.callbacks.resume import ExactResume, step_seed
+from lightning_qlora.data.loader import ResumableDataLoader
+
+WORKER = Path(__file__).parents[1] / "resume_worker.py"
+MAX_STEPS = 10  # 12 micro-batches per epoch, 2 per step: the run crosses an epoch boundary at step 6
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory, tiny_llama_dir) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    rows = [
+        {"instruction": f"Spell word {i}.", "input": "", "output": f"The word is {'abcdefghij'[i % 10] * (1 + i % 3)}."}
+        for i in range(28)
+    ]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "model_dir": str(tiny_llama_dir), "data": str(data)}
+
+
+def run_worker(workload: dict, name: str, kill: str = "none", resume: bool = False) -> subprocess.CompletedProcess:
+    spec = {
+        "root": str(workload["root"] / name),
+        "model_dir": workload["model_dir"],
+        "data": workload["data"],
+        "max_steps": MAX_STEPS,
+        "kill": kill,
+        "resume": resume,
+    }
+    path = workload["root"] / f"{name}-{kill.replace(':', '')}-{int(resume)}.json"
+    path.write_text(json.dumps(spec))
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(path)], capture_output=True, text=True, timeout=180, env=ENV
+    )
+
+
+def adapter(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "adapter" / "adapter_model.safetensors")
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), (key, (a[key] - b[key]).abs().max())
+
+
+def val_history(stdout: str) -> list:
+    return json.loads(stdout.split("val_history=")[1].splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workload) -> dict[str, torch.Tensor]:
+    done = run_worker(workload, "baseline")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"finished at step {MAX_STEPS}" in done.stdout
+    workload["val_history"] = val_history(done.stdout)
+    return adapter(workload["root"] / "baseline")
+
+
+def test_killed_four_times_then_resumed_gives_the_same_adapter_bits(workload, uninterrupted):
+    """One run killed (SIGKILL) at four points and resumed from ``last`` after each, then finished."""
+    root = workload["root"] / "killed"
+    ckpt = root / "checkpoints" / "last.ckpt"
+    kills = [
+        ("forward:2", 2),  # mid gradient-accumulation window of step 3: last is step 2
+        ("save:4", 3),  # temp file of step 4's checkpoint complete but never renamed: last stays step 3
+        ("write:6", 5),  # torn write of step 6's checkpoint (the epoch boundary): last stays step 5
+        ("after_step:8", 7),  # step 8 applied, killed before its checkpoint: last is step 7
+    ]
+    for i, (kill, last_step) in enumerate(kills):
+        died = run_worker(workload, "killed", kill=kill, resume=i > 0)
+        assert died.returncode == -signal.SIGKILL, (kill, died.stderr[-2000:])
+        saved = torch.load(ckpt, weights_only=True, map_location="cpu")  # `last` is complete and readable
+        assert saved["global_step"] == last_step, kill
+    leftovers = sorted(p.name for p in (root / "checkpoints").iterdir() if ".tmp-" in p.name)
+    assert leftovers, "the save kills should have left temp files behind"
+    assert not (root / "adapter").exists()  # no export from a killed run
+    done = run_worker(workload, "killed", resume=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"finished at step {MAX_STEPS}" in done.stdout
+    assert_bit_identical(adapter(root), uninterrupted)
+    # validation ran at the same steps with the same losses, and the history survived four restarts
+    assert val_history(done.stdout) == workload["val_history"] and len(workload["val_history"]) >= 3
+    before = adapter(workload["root"] / "baseline")  # and training moved the adapter away from B = 0
+    assert any(k.endswith("lora_B.weight") and before[k].abs().max() > 0 for k in before)
+
+
+@pytest.mark.slow
+def test_cli_killed_at_a_random_moment_resumes_with_ckpt_path_last(workload, tmp_path):
+    """``lightning-qlora fit --config ... --ckpt_path last`` after an external ``kill -9`` at a random moment."""
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        f"""seed_everything: 5
+trainer:
+  max_steps: 14
+  accumulate_grad_batches: 2
+  num_sanity_val_steps: 0
+  val_check_interval: 6
+  check_val_every_n_epoch: null
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  plugins: [{{class_path: lightning_qlora.NF4Precision}}]
+  strategy: {{class_path: lightning_qlora.PagedOptimizerStrategy}}
+  callbacks:
+    - {{class_path: lightning_qlora.LoRA, init_args: {{r: 8, dropout: 0.1, export_dir: ADAPTER}}}}
+    - {{class_path: lightning_qlora.ExactResume}}
+    - {{class_path: lightning_qlora.ResumableCheckpoint, init_args: {{dirpath: CKPTS, every_n_train_steps: 1}}}}
+model:
+  class_path: lightning_qlora.CausalLM
+  init_args: {{model: {workload["model_dir"]}, dtype: fp32, lr: 0.005}}
+data:
+  class_path: lightning_qlora.InstructionDataModule
+  init_args: {{path: {workload["data"]}, batch_size: 2, max_length: 64, val_split: 4}}
+"""
+    )
+
+    def fit(name: str, *extra: str) -> subprocess.Popen:
+        text = config.read_text().replace("ADAPTER", str(tmp_path / name / "adapter"))
+        text = text.replace("CKPTS", str(tmp_path / name / "ckpts"))
+        (tmp_path / f"{name}.yaml").write_text(text)
+        (tmp_path / name).mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "lightning_qlora.cli", "fit", "--config", str(tmp_path / f"{name}.yaml"), *extra]
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path / name
+        )
+
+    baseline = fit("baseline")
+    victim = fit("victim")
+    last = tmp_path / "victim" / "ckpts" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0.0, 1.0))  # somewhere in steps 2..14
+    if victim.poll() is None:
+        victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert baseline.wait(timeout=180) == 0, baseline.communicate()[1][-2000:]
+    resumed = fit("victim", "--ckpt_path", "last")
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err[-2000:]
+    assert_bit_identical(
+        load_file(tmp_path / "victim" / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "baseline" / "adapter" / "adapter_model.safetensors"),
+    )
+
+
+# ------------------------------------------------------------------------------------------- unit: the two pieces
+def test_resumable_loader_skips_the_trained_batches_of_the_saved_epoch_only():
+    data = list(range(20))
+    position = {"epoch": 1, "batches": 3}
+    loader = ResumableDataLoader(data, batch_size=4, progress=lambda: (position["epoch"], position["batches"]))
+    assert loader.state_dict() == {"epoch": 1, "batches": 3}
+    loader.load_state_dict({"epoch": 1, "batches": 3})
+    assert [b.tolist() for b in loader] == [[12, 13, 14, 15], [16, 17, 18, 19]]
+    assert len(list(loader)) == 5  # the skip applies once
+    loader.load_state_dict({"epoch": 0, "batches": 3})  # saved at the end of an earlier epoch: nothing to skip
+    assert len(list(loader)) == 5
+    assert ResumableDataLoader(data, batch_size=4).state_dict() == {}
+
+
+def test_exact_resume_reseeds_each_batch_from_seed_epoch_and_index():
+    class FakeTrainer:
+        current_epoch = 2
+        global_rank = 0
+
+    callback = ExactResume(seed=3)
+    callback.on_train_batch_start(FakeTrainer(), None, None, 5)  # type: ignore[arg-type]
+    first = torch.rand(3)
+    torch.rand(100)  # anything drawn in between (validation, a new iterator) does not matter
+    callback.on_train_batch_start(FakeTrainer(), None, None, 5)  # type: ignore[arg-type]
+    assert torch.equal(torch.rand(3), first)
+    torch.manual_seed(step_seed(3, 2, 5))
+    assert torch.equal(torch.rand(3), first)
+    assert len({step_seed(3, 2, 5), step_seed(3, 2, 6), step_seed(3, 3, 5), step_seed(3, 2, 5, rank=1)}) == 4
+    resumed = ExactResume(seed=None)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.seed == 3

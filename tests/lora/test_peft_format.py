@@ -1,0 +1,280 @@
+"""PEFT adapter export/import, checked against peft itself as the client."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from safetensors.torch import load_file, save_file
+
+from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, lora_modules
+from lightning_qlora.lora.peft_format import export_peft, import_peft
+from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack, quantize_model
+from lightning_qlora.utils import atomic
+
+peft = pytest.importorskip("peft")
+
+QCONFIG = QuantizationConfig(compute_dtype=torch.float32)
+ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+
+
+def randomize_b(model, seed=1, std=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
+
+
+def lora_model(base, config=None, quantize=False, seed=1):
+    model = copy.deepcopy(base)
+    inject_lora(model, config or LoRAConfig(r=8, alpha=16, dropout=0.0))
+    randomize_b(model, seed)
+    if quantize:
+        quantize_model(model, QCONFIG)
+    return model.eval()
+
+
+@torch.no_grad()
+def logits(model, ids):
+    guard_cpu_repack(model)
+    return model(ids).logits
+
+
+def load_with_peft(base_model, directory):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(base_model, str(directory))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "adapter" in m.lower() or "unexpected" in m.lower()], messages
+    return model.eval()
+
+
+def peft_adapted(peft_model):
+    from peft.tuners.lora import LoraLayer
+
+    root = peft_model.base_model.model
+    return {name for name, m in root.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_export_writes_peft_layout(base, tmp_path):
+    model = lora_model(base)
+    out = export_peft(model, tmp_path / "adapter", LoRAConfig(r=8, alpha=16, dropout=0.0), base_model_name_or_path="b")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp folder left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 14
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    assert a.shape == (8, 64) and b.shape == (64, 8) and a.dtype == torch.float32
+    assert torch.equal(b, model.model.layers[1].mlp.down_proj.lora_B)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == "b"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (8, 16, 0.0, False)
+    assert cfg["target_modules"] == ALL_LINEAR
+    assert cfg["bias"] == "none" and cfg["inference_mode"] is True and cfg["fan_in_fan_out"] is False
+
+
+def test_peft_loads_export_fp32(base, ids, tmp_path):
+    model = lora_model(base)
+    export_peft(model, tmp_path, LoRAConfig(r=8, alpha=16, dropout=0.0))
+    theirs = load_with_peft(copy.deepcopy(base), tmp_path)
+    assert peft_adapted(theirs) == {n for n, _ in lora_modules(model)}
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_peft_loads_export_onto_4bit_base(base, ids, tmp_path):
+    model = lora_model(base, quantize=True)
+    export_peft(model, tmp_path, LoRAConfig(r=8, alpha=16, dropout=0.0))
+    fresh = copy.deepcopy(base)
+    quantize_model(fresh, QCONFIG)
+    ours_4bit = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    theirs_4bit = fresh.state_dict()
+    assert ours_4bit.keys() == theirs_4bit.keys()
+    assert all(torch.equal(ours_4bit[k], theirs_4bit[k]) for k in theirs_4bit)  # quantization is deterministic
+    theirs = load_with_peft(fresh, tmp_path)
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_exclude_modules_exported_as_full_names(base, ids, tmp_path):
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0, exclude_modules=["model.layers.0.self_attn.q_proj"])
+    model = lora_model(base, config)
+    export_peft(model, tmp_path, config)
+    targets = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert "model.layers.1.self_attn.q_proj" in targets and "model.layers.0.self_attn.q_proj" not in targets
+    theirs = load_with_peft(copy.deepcopy(base), tmp_path)
+    assert peft_adapted(theirs) == {n for n, _ in lora_modules(model)}
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_mixed_ranks_use_rank_and_alpha_patterns(base, ids, tmp_path):
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    model = lora_model(base, config)
+    attn = model.model.layers[1].self_attn
+    attn.v_proj = LoRALinear(attn.v_proj.base_layer, r=4, alpha=4.0, use_rslora=True)
+    randomize_b(model, seed=3)
+    export_peft(model, tmp_path, config)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {r"^model\.layers\.1\.self_attn\.v_proj": 4}
+    assert cfg["alpha_pattern"] == {r"^model\.layers\.1\.self_attn\.v_proj": 4}
+    theirs = load_with_peft(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-5, rtol=0)
+    fresh = copy.deepcopy(base)
+    assert import_peft(fresh, tmp_path).use_rslora is True
+    assert fresh.model.layers[1].self_attn.v_proj.r == 4
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "nf4"])
+def test_round_trip(base, ids, tmp_path, quantize):
+    config = LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = lora_model(base, config, quantize=quantize)
+    export_peft(model, tmp_path, config)
+    fresh = copy.deepcopy(base)
+    if quantize:
+        quantize_model(fresh, QCONFIG)
+    loaded = import_peft(fresh, tmp_path)
+    assert (loaded.r, loaded.alpha, loaded.dropout) == (8, 16.0, 0.05)
+    assert loaded.target_modules == ["down_proj", "q_proj", "v_proj"]
+    assert {n for n, _ in lora_modules(fresh)} == {n for n, _ in lora_modules(model)}
+    torch.testing.assert_close(logits(fresh.eval(), ids), logits(model, ids), atol=0, rtol=0)
+    # importing again into the already-adapted model just reloads the weights
+    randomize_b(fresh, seed=9)
+    import_peft(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_import_adapter_saved_by_peft(base, ids, tmp_path, safe):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=0.0)
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    theirs.save_pretrained(tmp_path, safe_serialization=safe)
+    assert (tmp_path / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
+    ours = copy.deepcopy(base)
+    loaded = import_peft(ours, tmp_path)
+    assert (loaded.r, loaded.alpha, loaded.target_modules) == (4, 8.0, ["q_proj", "up_proj"])
+    assert len(list(lora_modules(ours))) == 4
+    torch.testing.assert_close(logits(ours.eval(), ids), logits(theirs.eval(), ids), atol=1e-5, rtol=0)
+
+
+def test_adapter_dtype_is_kept_on_export(base, ids, tmp_path):
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], dtype="bf16")
+    model = lora_model(base, config)
+    export_peft(model, tmp_path, config)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert all(t.is_contiguous() for t in tensors.values())
+    fresh = copy.deepcopy(base)
+    import_peft(fresh, tmp_path)
+    layer = fresh.model.layers[0].self_attn.q_proj
+    assert layer.lora_B.dtype == torch.float32
+    assert torch.equal(layer.lora_B, model.model.layers[0].self_attn.q_proj.lora_B.float())
+
+
+def test_export_replaces_existing_adapter_atomically(base, tmp_path, monkeypatch):
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
+    out = tmp_path / "adapter"
+    first, second = lora_model(base, seed=1), lora_model(base, seed=2)
+    export_peft(first, out, config)
+    (out / "tokenizer.json").write_text("{}")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_peft(second, out, config)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert torch.equal(load_file(out / "adapter_model.safetensors")[key], first.model.layers[0].self_attn.q_proj.lora_B)
+
+    for exchange in (True, False):  # renameat2(RENAME_EXCHANGE), then the rename-aside fallback
+        if not exchange:
+            monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        export_peft(second if exchange else first, out, config)
+        expected = (second if exchange else first).model.layers[0].self_attn.q_proj.lora_B
+        assert torch.equal(load_file(out / "adapter_model.safetensors")[key], expected)
+        assert (out / "tokenizer.json").read_text() == "{}"
+        assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_export_errors(base, tmp_path):
+    with pytest.raises(ValueError, match="has no LoRA layers"):
+        export_peft(copy.deepcopy(base), tmp_path, LoRAConfig())
+    model = lora_model(base)
+    with pytest.raises(ValueError, match="use_rslora=True"):
+        export_peft(model, tmp_path, LoRAConfig(r=8, alpha=16, use_rslora=True))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        export_peft(model, tmp_path / "file", LoRAConfig(r=8, alpha=16))
+
+
+@pytest.fixture()
+def exported(base, tmp_path) -> Path:
+    export_peft(lora_model(base), tmp_path / "adapter", LoRAConfig(r=8, alpha=16, dropout=0.0))
+    return tmp_path / "adapter"
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _rename_keys(directory: Path) -> None:
+    path = directory / "adapter_model.safetensors"
+    save_file({k.replace("layers.1.", "layers.7."): v for k, v in load_file(path).items()}, str(path))
+
+
+def _truncate(directory: Path) -> None:
+    path = directory / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+ERROR_CASES = {
+    "missing_dir": (lambda d: d.rename(d.with_name("gone")), "does not exist"),
+    "missing_config": (lambda d: (d / "adapter_config.json").unlink(), r"adapter_config\.json is missing"),
+    "missing_weights": (lambda d: (d / "adapter_model.safetensors").unlink(), "has neither"),
+    "bad_json": (lambda d: (d / "adapter_config.json").write_text("{"), "not valid JSON"),
+    "not_lora": (lambda d: _edit_config(d, peft_type="IA3"), "'IA3' adapter; import_peft reads LoRA"),
+    "dora": (lambda d: _edit_config(d, use_dora=True), "uses DoRA"),
+    "unknown_keys": (_rename_keys, "name modules LlamaForCausalLM does not have"),
+    "truncated": (_truncate, "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_import_errors(base, exported, case):
+    damage, message = ERROR_CASES[case]
+    damage(exported)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message) as info:
+        import_peft(fresh, exported)
+    assert "\n" not in str(info.value)
+    assert not list(lora_modules(fresh))  # validated before anything was injected
+
+
+def test_import_errors_for_a_different_base(base, exported):
+    other = build_tiny_llama(intermediate_size=192)
+    with pytest.raises(ValueError, match="adapter for a different base model") as info:
+        import_peft(other, exported)
+    assert "adapter_model.safetensors" in str(info.value)
+    assert not list(lora_modules(other))
+    adapted = copy.deepcopy(base)
+    inject_lora(adapted, LoRAConfig(r=4, alpha=16, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has a LoRA adapter with r=4"):
+        import_peft(adapted, exported)

@@ -1,0 +1,133 @@
+"""NF4Precision in Trainer.fit: whatever the order of quantization and LoRA injection, adapters stay full precision."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyMLP
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_qlora import LoRA, NF4Precision
+from lightning_qlora.lora.layer import LoRALinear
+from lightning_qlora.quantization.nf4_linear import NF4Linear
+
+
+class Regression(L.LightningModule):
+    def __init__(self, build_in_configure_model: bool = False):
+        super().__init__()
+        self.build_in_configure_model = build_in_configure_model
+        self.net = None if build_in_configure_model else self._build()
+        self.linear_types_at_build: list[type] = []
+
+    @staticmethod
+    def _build() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyMLP()
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = self._build()
+            self.linear_types_at_build = [type(m) for m in self.net.modules() if isinstance(m, nn.Linear)]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def loader():
+    gen = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)), batch_size=8
+    )
+
+
+def fit(module, callbacks, plugins, steps=2):
+    trainer = L.Trainer(
+        plugins=plugins,
+        callbacks=callbacks,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, loader())
+    return trainer
+
+
+def assert_adapters_full_precision_on_4bit_base(net: nn.Module) -> None:
+    for name in ("fc1", "fc2"):
+        layer = getattr(net, name)
+        assert isinstance(layer, LoRALinear), name
+        assert isinstance(layer.base_layer, NF4Linear), name
+        for adapter in (layer.lora_A, layer.lora_B):
+            assert type(adapter) is nn.Parameter and adapter.dtype == torch.float32 and adapter.requires_grad
+        assert layer.lora_B.abs().sum() > 0  # trained
+        assert not any(isinstance(m, NF4Linear) for m in (layer.lora_A, layer.lora_B))
+    assert type(net.output) is nn.Linear and not net.output.weight.requires_grad
+    assert sum(isinstance(m, NF4Linear) for m in net.modules()) == 2
+
+
+ORDERS = ["callback-then-plugin", "lora-applied-first", "quantized-first", "built-in-configure_model"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_adapters_are_never_quantized_whatever_the_order(order):
+    lora = LoRA(r=4, alpha=8, dropout=0.0)
+    module = Regression(build_in_configure_model=order == "built-in-configure_model")
+    if order == "lora-applied-first":
+        lora.apply(module)  # adapters exist before the plugin ever sees the model
+        assert isinstance(module.net.fc1.base_layer, nn.Linear)
+    elif order == "quantized-first":
+        NF4Precision().convert_module(module)  # the base is 4-bit before LoRA is injected
+        assert isinstance(module.net.fc1, NF4Linear)
+    fit(module, [lora], [NF4Precision()])
+    assert_adapters_full_precision_on_4bit_base(module.net)
+    if order == "built-in-configure_model":  # under the plugin's init context the layers were empty 4-bit shells
+        assert module.linear_types_at_build and all(issubclass(t, NF4Linear) for t in module.linear_types_at_build)
+
+
+def test_callback_before_or_after_other_callbacks_gives_the_same_model():
+    first, second = Regression(), Regression()
+    fit(first, [LoRA(r=4, alpha=8, dropout=0.0), L.Callback()], [NF4Precision()])
+    fit(second, [L.Callback(), LoRA(r=4, alpha=8, dropout=0.0)], [NF4Precision()])
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
+
+
+def test_forward_context_autocasts_to_the_compute_dtype():
+    plugin = NF4Precision(compute_dtype="fp16")
+    with plugin.forward_context():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        assert (torch.randn(2, 64) @ torch.randn(64, 2)).dtype == torch.float16
+    with NF4Precision(autocast=False).forward_context():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_precision_state_refuses_other_settings_in_one_line():
+    saved = NF4Precision().state_dict()
+    NF4Precision().load_state_dict(saved)  # same settings: fine
+    with pytest.raises(ValueError) as err:
+        NF4Precision(double_quant=False).load_state_dict(saved)
+    message = str(err.value)
+    assert "\n" not in message and "'double_quant': True" in message and "same plugin settings" in message
+
+
+def test_quantized_model_trains_only_adapters_and_outputs_change():
+    module = Regression()
+    reference = copy.deepcopy(module.net)
+    fit(module, [LoRA(r=4, alpha=8, dropout=0.0)], [NF4Precision()], steps=4)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert not torch.equal(module.net(x), reference(x))
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {f"net.{layer}.lora_{m}" for layer in ("fc1", "fc2") for m in "AB"}

@@ -1,0 +1,200 @@
+"""PagedOptimizerStrategy: the bitsandbytes optimizer keeps the user's hyperparameters, groups and schedulers."""
+
+from __future__ import annotations
+
+import warnings
+
+import bitsandbytes as bnb
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyMLP
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_qlora import LoRA, PagedOptimizerStrategy
+from lightning_qlora.optim.paged import build_optimizer, convert_optimizer, optimizer_class, optimizer_state_bytes
+
+ADAPTERS = {f"net.{layer}.lora_{m}" for layer in ("fc1", "fc2") for m in "AB"}
+
+
+def loader(n=16):
+    gen = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 64, generator=gen), torch.randn(n, 64, generator=gen)), batch_size=4)
+
+
+class Regression(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyMLP()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+
+class WithGroupsAndScheduler(Regression):
+    def configure_optimizers(self):
+        named = dict(self.named_parameters())
+        groups = [
+            {"params": [named["net.fc1.lora_A"], named["net.fc1.lora_B"]], "lr": 1e-3},
+            {"params": [named["net.output.weight"], named["net.output.bias"]], "lr": 5e-3},  # frozen: left empty
+            {"params": [named["net.fc2.lora_A"], named["net.fc2.lora_B"]], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=2e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LrRecorder(L.Callback):
+    def __init__(self):
+        self.lrs: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+
+def fit(module, strategy, steps=4, callbacks=()):
+    trainer = L.Trainer(
+        strategy=strategy,
+        callbacks=[LoRA(r=4, alpha=8, dropout=0.0), *callbacks],
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, loader())
+    return trainer
+
+
+def paged_warnings(caught) -> list:
+    return [w for w in caught if "paged optimizers need CUDA" in str(w.message)]
+
+
+def test_wraps_configure_optimizers_keeping_groups_hyperparameters_and_scheduler():
+    module, strategy, recorder = WithGroupsAndScheduler(), PagedOptimizerStrategy(), LrRecorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(module, strategy, steps=6, callbacks=[recorder])
+    assert not [w for w in caught if "overridden after learning rate scheduler" in str(w.message)]
+    assert len(paged_warnings(caught)) == 1  # one warning for the whole run, not one per step
+
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is bnb.optim.AdamW32bit  # CPU: the unpaged equivalent of PagedAdamW32bit
+    groups = optimizer.param_groups
+    assert [len(g["params"]) for g in groups] == [2, 0, 2]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 5e-3, 2e-3]
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1, 0.0]
+
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.optimizer is optimizer
+    expected = [[base / (1 + step) for base in (1e-3, 5e-3, 2e-3)] for step in range(6)]
+    assert len(recorder.lrs) == 6  # the scheduler drives the new optimizer's lr
+    for seen, wanted in zip(recorder.lrs, expected):
+        assert seen == pytest.approx(wanted)
+    assert [g["lr"] for g in groups] == pytest.approx([base / 7 for base in (1e-3, 5e-3, 2e-3)])
+
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert {names[id(p)] for p in optimizer.state} == ADAPTERS  # only trainable parameters have state
+    state_bytes = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+    assert strategy.optimizer_state_bytes() == optimizer_state_bytes(optimizer) == state_bytes
+    adapters = sum(p.numel() for n, p in module.named_parameters() if n in ADAPTERS)
+    assert state_bytes == 2 * 4 * adapters  # two fp32 moments per adapter weight
+    assert strategy.trainable_parameter_count() == adapters
+
+
+@pytest.mark.parametrize("name, cls", [("adamw_8bit", bnb.optim.AdamW8bit), ("paged_lion_32bit", bnb.optim.Lion32bit)])
+def test_builds_the_named_optimizer_without_configure_optimizers(name, cls):
+    module = Regression()
+    strategy = PagedOptimizerStrategy(optimizer=name, optimizer_kwargs={"lr": 1e-3, "weight_decay": 0.05})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(module, strategy, steps=8)
+    assert len(paged_warnings(caught)) == 1
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is cls
+    assert optimizer.param_groups[0]["lr"] == 1e-3 and optimizer.param_groups[0]["weight_decay"] == 0.05
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert {names[id(p)] for g in optimizer.param_groups for p in g["params"]} == ADAPTERS
+    assert {names[id(p)] for p in optimizer.state} == ADAPTERS
+    assert strategy.optimizer_state_bytes() > 0
+    assert module.net.fc1.lora_B.abs().sum() > 0
+
+
+def test_paged_classes_are_chosen_by_name():
+    assert optimizer_class("paged_adamw_32bit", paged=True) is bnb.optim.PagedAdamW32bit
+    assert optimizer_class("paged_adamw_32bit", paged=False) is bnb.optim.AdamW32bit
+    assert optimizer_class("Paged-AdamW-8bit", paged=True) is bnb.optim.PagedAdamW8bit
+    assert PagedOptimizerStrategy().root_device == torch.device("cpu")
+    assert not PagedOptimizerStrategy().paged
+
+
+def test_unknown_optimizer_name_is_a_one_line_error_with_close_matches():
+    with pytest.raises(ValueError) as err:
+        PagedOptimizerStrategy(optimizer="paged_adamw_23bit")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "unknown optimizer 'paged_adamw_23bit'" in message and "did you mean paged_adamw_32bit" in message
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; known: paged_adamw_32bit"):
+        PagedOptimizerStrategy(optimizer="sgd")
+
+
+def _reference_run(bnb_name: str, torch_cls, steps=6, **hyper):
+    """The same parameters and gradients through a bitsandbytes optimizer and its torch counterpart."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=gen), torch.randn(96, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(steps)]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    theirs = [torch.nn.Parameter(p.clone()) for p in start]
+    frozen = torch.nn.Parameter(torch.randn(8), requires_grad=False)
+    ours_opt = build_optimizer(bnb_name, [*ours, frozen], paged=False, **hyper)
+    theirs_opt = torch_cls(theirs, **hyper)
+    for step_grads in grads:
+        for params, opt in ((ours, ours_opt), (theirs, theirs_opt)):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+    assert frozen not in ours_opt.state
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "bnb_name, torch_cls, weight_decay",
+    [
+        ("adamw_32bit", torch.optim.AdamW, 0.1),
+        ("paged_adamw_32bit", torch.optim.AdamW, 0.0),
+        ("paged_adam_32bit", torch.optim.Adam, 0.0),
+        ("paged_adam_32bit", torch.optim.AdamW, 0.1),  # bitsandbytes' Adam decays weights decoupled, as AdamW
+    ],
+)
+def test_bitsandbytes_math_matches_torch(bnb_name, torch_cls, weight_decay):
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
+    ours, theirs = _reference_run(bnb_name, torch_cls, **hyper)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_converting_adam_with_l2_weight_decay_warns_that_the_math_changes():
+    params = [torch.nn.Parameter(torch.randn(64, 64))]
+    with pytest.warns(UserWarning, match="L2 term added to the gradient.*decoupled"):
+        convert_optimizer(torch.optim.Adam(params, weight_decay=0.1), "paged_adamw_32bit", paged=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_optimizer(torch.optim.Adam(params), "paged_adamw_32bit", paged=False)
+        convert_optimizer(torch.optim.AdamW(params, weight_decay=0.1), "paged_adamw_32bit", paged=False)
+
+
+def test_convert_optimizer_keeps_a_torch_optimizers_settings():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(64), requires_grad=False)]
+    converted = convert_optimizer(torch.optim.Adam(params, lr=3e-4, betas=(0.5, 0.6)), "paged_adamw_8bit", paged=False)
+    assert type(converted) is bnb.optim.Adam8bit  # Adam stays Adam; the default's bit width is kept
+    assert converted.param_groups[0]["lr"] == 3e-4 and converted.param_groups[0]["betas"] == (0.5, 0.6)
+    assert [p for g in converted.param_groups for p in g["params"]] == [params[0]]
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        convert_optimizer(torch.optim.AdamW([params[1]]), "paged_adamw_32bit", paged=False)

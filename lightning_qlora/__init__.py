@@ -5,6 +5,7 @@ from lightning_qlora.callbacks import (
     LoRA,
     NonFiniteGuard,
     OutOfMemoryAdvice,
+    QLoRAProgressBar,
     ResumableCheckpoint,
     RunSummary,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "OutOfMemoryAdvice",
     "PagedDDPStrategy",
     "PagedOptimizerStrategy",
+    "QLoRAProgressBar",
     "QLoRAFSDP2Strategy",
     "QLoRAFSDPStrategy",
     "QuantizationConfig",

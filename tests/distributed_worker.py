@@ -1,4 +1,4 @@
-"""One rank of the 2-process CPU (gloo) runs behind tests/test_distributed.py.
+"""One rank of the 2-process CPU (gloo) runs behind tests/strategies/test_distributed.py.
 
 Launched by the test as ``python tests/distributed_worker.py <config.json>`` once per rank with ``LOCAL_RANK``,
 ``NODE_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (so Lightning sees externally created
@@ -260,7 +260,8 @@ def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, quantize_model
+    from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight
+    from lightning_qlora.quantization.shells import quantize_model
     from lightning_qlora.strategies.fsdp2 import fully_shard_qlora, unsharded
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""A QLoRA fine-tune run as a real subprocess by tests/test_resume.py, optionally killed with SIGKILL mid-run.
+"""A QLoRA fine-tune run as a real subprocess by tests/callbacks/test_resume.py, optionally killed with SIGKILL mid-run.
 
 Usage: python tests/resume_worker.py SPEC.json
 

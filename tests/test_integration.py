@@ -12,8 +12,9 @@ from transformers import LlamaForCausalLM
 
 from lightning_qlora import LoRA, NF4Precision, PagedOptimizerStrategy
 from lightning_qlora.lora.layer import lora_modules
-from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack
 from lightning_qlora.quantization.nf4_linear import NF4Linear
+from lightning_qlora.quantization.shells import quantize_model
 
 try:
     from lightning_qlora.lora.peft_format import export_peft

@@ -1,9 +1,18 @@
-"""Lightning callbacks: LoRA injection, guards, run summary, exact resume and the resumable checkpoint."""
+"""Lightning callbacks: LoRA injection, guards, run summary, progress bar, exact resume, the resumable checkpoint."""
 
 from lightning_qlora.callbacks.checkpoint import ResumableCheckpoint
 from lightning_qlora.callbacks.guards import NonFiniteGuard, OutOfMemoryAdvice
 from lightning_qlora.callbacks.lora import LoRA
+from lightning_qlora.callbacks.progress import QLoRAProgressBar
 from lightning_qlora.callbacks.resume import ExactResume
 from lightning_qlora.callbacks.summary import RunSummary
 
-__all__ = ["ExactResume", "LoRA", "NonFiniteGuard", "OutOfMemoryAdvice", "ResumableCheckpoint", "RunSummary"]
+__all__ = [
+    "ExactResume",
+    "LoRA",
+    "NonFiniteGuard",
+    "OutOfMemoryAdvice",
+    "QLoRAProgressBar",
+    "ResumableCheckpoint",
+    "RunSummary",
+]

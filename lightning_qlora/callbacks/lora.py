@@ -15,6 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.callbacks.base_check import CHECKPOINT_KEY, BaseCheck
+from lightning_qlora.lora.experts import inject_expert_lora
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
@@ -117,7 +118,7 @@ class LoRA(Callback):
 
     def apply(self, pl_module: nn.Module) -> list[str]:
         """Inject adapters (idempotent), freeze the rest, then checkpoint and compile the blocks; returns new names."""
-        names = inject_lora(pl_module, self.config)
+        names = inject_lora(pl_module, self.config) + inject_expert_lora(pl_module, self.config)
         self.injected += names
         self.trainable_params = mark_only_lora_trainable(pl_module, self.trainable_modules)
         root = model_root(pl_module)
@@ -168,10 +169,6 @@ class LoRA(Callback):
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self.base_check.check(trainer, pl_module, checkpoint)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"lora": self.config.to_dict(), "injected": list(self.injected)}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,5 +1,10 @@
 """``RunSummary``: tokens/s and peak memory while training, and a short table at the end of the run.
 
+It also keeps the console of a run readable: training progress in steps with tokens/s
+(:class:`~lightning_qlora.callbacks.progress.QLoRAProgressBar` in place of Lightning's stock bar), and none of the
+deprecation warnings Lightning's own code raises (see
+:class:`~lightning_qlora.callbacks.progress.QuietLightningInternals`).
+
 At fit end the table also shows the :mod:`~lightning_qlora.memory.planner`'s prediction for the run (its model
 config, the largest batch seen, the LoRA callback, the precision plugin and the strategy) next to the measured peak.
 """
@@ -22,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_qlora.callbacks.lora import LoRA
+from lightning_qlora.callbacks.progress import QuietLightningInternals, count_tokens, use_qlora_progress_bar
 from lightning_qlora.memory.footprint import measure_footprint
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
 from lightning_qlora.plugins.precision import NF4Precision
@@ -45,10 +51,14 @@ class RunSummary(Callback):
 
     Args:
         log_every_n_steps: how often to log throughput.
+        progress_bar: show training as :class:`~lightning_qlora.callbacks.progress.QLoRAProgressBar` (``step 3/40``,
+            loss, tokens/s) instead of Lightning's stock bar; ``enable_progress_bar=False`` still means no bar.
     """
 
-    def __init__(self, log_every_n_steps: int = 10) -> None:
+    def __init__(self, log_every_n_steps: int = 10, progress_bar: bool = True) -> None:
         self.log_every_n_steps = log_every_n_steps
+        self.progress_bar = progress_bar
+        self._quiet = QuietLightningInternals()
         self.tokens = 0
         self.seconds = 0.0
         self._start = 0.0
@@ -59,6 +69,20 @@ class RunSummary(Callback):
         """Largest ``(batch, sequence)`` of ``input_ids`` seen in training (what the plan is made for)."""
         self.plan: MemoryPlan | None = None
         """The planner's prediction for this run, made at fit end (``None`` when it cannot plan the model)."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.progress_bar:
+            use_qlora_progress_bar(trainer)
+        self._quiet.enter()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._quiet.exit()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._quiet.exit()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -73,7 +97,7 @@ class RunSummary(Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
-        tokens = _count_tokens(batch)
+        tokens = count_tokens(batch)
         shape = _batch_shape(batch)
         if shape is not None and (self.batch_shape is None or math.prod(shape) > math.prod(self.batch_shape)):
             self.batch_shape = shape
@@ -189,14 +213,3 @@ def _batch_shape(batch: Any) -> tuple[int, int] | None:
     if isinstance(ids, torch.Tensor) and ids.dim() == 2:
         return int(ids.shape[0]), int(ids.shape[1])
     return None
-
-
-def _count_tokens(batch: Any) -> int:
-    if isinstance(batch, dict):
-        if "attention_mask" in batch and batch["attention_mask"] is not None:
-            return int(batch["attention_mask"].sum())
-        if "input_ids" in batch:
-            return batch["input_ids"].numel()
-    if isinstance(batch, torch.Tensor):
-        return batch.numel()
-    return 0

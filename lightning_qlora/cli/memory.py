@@ -1,16 +1,17 @@
 """``lightning-qlora memory --config recipe.yaml``: the memory plan of a recipe, before any weight is loaded.
 
-Reads what decides memory from the same YAML that ``fit`` runs: the model's ``config.json`` (a local directory, a
-config ``.json``, a GGUF/``pkg://`` source through :func:`~lightning_qlora.models.sources.resolve_model_dir`, or
-only the ``config.json`` of a hub id), the data module's ``batch_size``/``max_length``, the ``LoRA`` callback, the
-``NF4Precision`` plugin, the strategy (optimizer, DDP/FSDP) and ``trainer.devices``; then prints
+The recipe goes through ``fit``'s own LightningCLI parser (class-signature defaults, ``--a.b=c`` overrides, type
+checks, ``class_path``/``init_args``), but only the ``LoRA`` callback and ``NF4Precision`` plugin are built: no
+model, data module, trainer or weights. From the parsed config it reads the model's ``config.json`` (through
+:func:`~lightning_qlora.models.sources.resolve_model_dir`, or only the ``config.json`` of a hub id), the data
+module's ``batch_size``/``max_length``, the callbacks that are a ``LoRA``, the plugins that are an ``NF4Precision``,
+the strategy (optimizer, DDP/FSDP) and ``trainer.devices``; then prints
 :meth:`~lightning_qlora.memory.planner.MemoryPlan.format_table` and, with ``--budget``, the advice.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import inspect
 import json
@@ -19,16 +20,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
-from lightning_qlora.lora.layer import LoRAConfig
+from lightning_qlora.callbacks.lora import LoRA
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
-from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.plugins.precision import NF4Precision
+from lightning_qlora.strategies.single_device import PagedOptimizerMixin
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.formatting import format_bytes
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
+_OPTIONS = ("--help", "--json", "--print_config", "--budget", "--devices", "--sharding", "--batch-size", "--seq-len")
+_DESCRIPTION = (
+    "Predict the memory of a recipe's training step (no weights are loaded). The recipe is parsed as by fit: "
+    "--section.key=value arguments override it, e.g. --trainer.devices=2 --data.init_args.batch_size=4."
+)
 
 
 def parse_bytes(text: str) -> int:
@@ -43,34 +55,94 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def _entry(value: Any) -> tuple[str, dict[str, Any]]:
-    """``(class_path, init_args)`` of a YAML ``class_path``/``init_args`` entry (or a bare string)."""
-    if isinstance(value, dict):
-        return str(value.get("class_path", "")), dict(value.get("init_args") or {})
-    return str(value or ""), {}
+class _RecipeCLI(LightningCLI):
+    """``fit``'s parser, as :func:`lightning_qlora.cli.main.main` sets it up, plus the planner's options.
+
+    It parses and instantiates nothing. ``pl.Trainer`` stands for ``QLoRATrainer`` (same init arguments; ``cli.main``
+    imports this module, so importing it back would be a cycle).
+    """
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser: dict[str, Any]) -> None:
+        self._subcommand_method_arguments: dict[str, list[str]] = {}
+        self.parser = self._prepare_subcommand_parser(self.trainer_class, "fit", **main_kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--budget", type=str | None, help="memory per GPU, e.g. 80GiB: prints what to change "
+                            "when the plan exceeds it")  # fmt: skip
+        parser.add_argument("--devices", type=int | None, help="number of GPUs (default: trainer.devices x num_nodes)")
+        parser.add_argument("--sharding", choices=("ddp", "fsdp"), help="default: from the strategy")
+        parser.add_argument("--batch-size", type=int | None, help="sequences per GPU per step (default: batch_size)")
+        parser.add_argument("--seq-len", type=int | None, help="tokens per sequence (default: data max_length)")
+        parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:  # ``args`` are given: no warning about sys.argv
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+
+    def _set_seed(self) -> None:  # planning draws no random numbers: leave the global seed alone
+        pass
+
+    def instantiate_classes(self) -> None:  # the point: no model, data module or trainer
+        pass
 
 
-def _with_defaults(class_path: str, init_args: dict[str, Any]) -> dict[str, Any]:
-    """``init_args`` completed with the class's own defaults (when the class can be imported)."""
-    module, _, name = class_path.rpartition(".")
+def parse_recipe(args: list[str] | dict[str, Any]) -> Namespace:
+    """Parse ``fit``-style arguments (``["--config", "recipe.yaml", "--trainer.devices=2"]``) or a recipe dict.
+
+    Args:
+        args: command-line arguments after ``memory``, or a recipe as a dict (``model``, ``data``, ``trainer``).
+
+    Raises:
+        ValueError: for an unreadable YAML, an unknown key, a value of the wrong type or a class that is not found,
+            in one line (``lightning-qlora`` prints it as ``lightning-qlora: error: ...`` and exits with 2).
+    """
+    kwargs = {"prog": "lightning-qlora memory", "description": _DESCRIPTION, "exit_on_error": False}
     try:
-        cls = getattr(importlib.import_module(module or "lightning_qlora"), name)
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return init_args
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    return {**defaults, **init_args}
+        cli = _RecipeCLI(model_class=pl.LightningModule, datamodule_class=None, subclass_mode_model=True,
+                         subclass_mode_data=True, trainer_class=pl.Trainer, auto_configure_optimizers=False,
+                         load_from_checkpoint_support=False, run=False, parser_kwargs=kwargs, args=args)  # fmt: skip
+        return cli.config
+    except argparse.ArgumentError as err:  # as fit says it: the class's own complaint, one line
+        text = " ".join(str(err).split()) or "invalid arguments"
+        specific = re.search(r"Problem with given class_path (.*?)(?: - Expected a| - Not a valid subclass|$)", text)
+        text = f"{text.split(':')[0]}: {specific.group(1).strip()}" if specific else text
+        raise ValueError(f"{text[:400]} (options: lightning-qlora memory --help)") from err
 
 
-def _set_dotted(config: dict[str, Any], key: str, value: str) -> None:
-    """Apply ``--trainer.devices=2``-style overrides (values parsed as YAML)."""
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override --{key}: {part!r} is not a section of the recipe")
-    node[parts[-1]] = yaml.safe_load(value)
+def _check_yaml(path: str) -> None:
+    """Name the file and line when a ``--config`` is not YAML (jsonargparse's message names neither)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError):
+        return  # a missing file: jsonargparse says so
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise ValueError(f"config {path}{where}: not valid YAML ({problem}); fix the file") from None
+
+
+def _entries(value: Any) -> list[tuple[type | None, dict[str, Any]]]:
+    """``(class, init_args)`` of each parsed ``class_path`` entry; registered names (strategies) resolved too."""
+    entries = []
+    for item in value if isinstance(value, list) else [] if value is None else [value]:
+        if isinstance(item, Namespace) and item.get("class_path"):
+            module, _, name = item.class_path.rpartition(".")  # jsonargparse resolved it: it imports
+            cls = getattr(importlib.import_module(module), name)
+            entries.append((cls, (item.get("init_args") or Namespace()).as_dict()))
+        elif isinstance(item, str) and item in StrategyRegistry:
+            found = StrategyRegistry[item]
+            params = inspect.signature(found["strategy"]).parameters.values()
+            defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+            entries.append((found["strategy"], {**defaults, **found["init_params"]}))
+        else:  # "auto", an unregistered name, or an instance
+            entries.append((item if isinstance(item, type) else None, {}))
+    return entries
+
+
+def _instance(value: Any, base: type) -> Any:
+    """The entry of ``value`` whose class is ``base`` or a subclass, built from its parsed ``init_args``."""
+    return next((cls(**args) for cls, args in _entries(value) if isinstance(cls, type) and issubclass(cls, base)), None)
 
 
 def _model_config_source(source: str, cache_dir: str | None) -> Any:
@@ -78,7 +150,7 @@ def _model_config_source(source: str, cache_dir: str | None) -> Any:
     from lightning_qlora.models.sources import ModelSourceError, resolve_model_dir
 
     local = Path(str(source)).expanduser()
-    if str(source).startswith("pkg://") or local.exists() or str(source).count("/") != 1:
+    if str(source).startswith(("pkg://", ".", "/", "~")) or local.exists() or str(source).count("/") != 1:
         return resolve_model_dir(source, cache_dir)
     try:
         from huggingface_hub import hf_hub_download
@@ -90,120 +162,85 @@ def _model_config_source(source: str, cache_dir: str | None) -> Any:
 
 
 def _device_count(devices: Any, num_nodes: Any) -> int:
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
-        count = int(devices)
-    else:  # "auto", -1, None: one device unless told otherwise
-        count = 1
+    """``trainer.devices`` (a count, a list of ids; ``"auto"``, -1 or ``None``: one) times ``num_nodes``."""
+    text = str(devices).strip()
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(text) if text.isdigit() else 1
     return max(1, count) * max(1, int(num_nodes or 1))
 
 
 def plan_recipe(
-    recipe: dict[str, Any],
+    recipe: Namespace | dict[str, Any],
     devices: int | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
     sharding: str | None = None,
 ) -> MemoryPlan:
-    """The :class:`~lightning_qlora.memory.planner.MemoryPlan` of a ``fit`` recipe (a parsed YAML dict).
+    """The :class:`~lightning_qlora.memory.planner.MemoryPlan` of a ``fit`` recipe.
 
     Args:
-        recipe: the recipe with ``model``, ``data`` and ``trainer`` sections.
+        recipe: the config :func:`parse_recipe` returns, or a recipe dict (parsed here, as ``fit`` would).
         devices: GPUs (default the recipe's ``trainer.devices`` × ``num_nodes``).
         batch_size: sequences per device per step (default the data module's ``batch_size``).
         seq_len: tokens per sequence (default the data module's ``max_length``: the longest a batch can be).
         sharding: ``ddp`` or ``fsdp`` (default from the strategy: FSDP strategies shard, others replicate).
 
     Raises:
-        ValueError: when the recipe has no model source or the values cannot be planned.
+        ValueError: when the recipe does not parse, has no model source, or cannot be planned.
     """
-    model_path, model_args = _entry(recipe.get("model"))
-    model_args = _with_defaults(model_path, model_args)
-    source = model_args.get("model")
-    if not source:
+    config = recipe if isinstance(recipe, Namespace) else parse_recipe(recipe)
+    model_args = (config.get("model") or Namespace()).get("init_args") or Namespace()
+    if not model_args.get("model"):
         raise ValueError("the recipe has no model.init_args.model; set the model directory, .json, GGUF or hub id")
-    data_path, data_args = _entry(recipe.get("data"))
-    data_args = _with_defaults(data_path, data_args)
-    trainer = recipe.get("trainer") or {}
-    lora, checkpointing = LoRAConfig(), False
-    for callback in trainer.get("callbacks") or []:
-        path, args = _entry(callback)
-        if path.rsplit(".", 1)[-1] == "LoRA":
-            fields = {f.name for f in dataclasses.fields(LoRAConfig)}
-            lora = LoRAConfig(**{k: v for k, v in args.items() if k in fields and v is not None})
-            checkpointing = bool(args.get("gradient_checkpointing", False))
-    quantization = None
-    for plugin in trainer.get("plugins") or []:
-        path, args = _entry(plugin)
-        if path.rsplit(".", 1)[-1] == "NF4Precision":
-            fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
-            args = {k: (tuple(v) if k == "skip_modules" else v) for k, v in args.items() if v is not None}
-            quantization = QuantizationConfig(**{k: v for k, v in args.items() if k in fields})
-    strategy_path, strategy_args = _entry(trainer.get("strategy"))
-    strategy_args = _with_defaults(strategy_path, strategy_args) if "." in strategy_path else strategy_args
-    name = strategy_path.lower()
-    optimizer = strategy_args.get("optimizer") if isinstance(strategy_args.get("optimizer"), str) else None
-    optimizer = optimizer or ("paged_adamw_32bit" if "paged" in name else "adamw")
-    count = devices or _device_count(trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    data_args = (config.get("data") or Namespace()).get("init_args") or Namespace()
+    trainer = config.trainer
+    lora = _instance(trainer.callbacks, LoRA)
+    precision = _instance(trainer.plugins, NF4Precision)
+    strategy, strategy_args = (_entries(trainer.strategy) or [(None, {})])[0]
+    strategy = strategy if isinstance(strategy, type) else type(None)
+    optimizer = strategy_args.get("optimizer") if issubclass(strategy, PagedOptimizerMixin) else None
+    accelerator = trainer.accelerator
+    on_cpu = str(accelerator).lower() == "cpu" or any(
+        isinstance(cls, type) and issubclass(cls, CPUAccelerator) for cls, _ in _entries(accelerator)
+    )
     return plan_memory(
-        _model_config_source(str(source), model_args.get("cache_dir")),
+        _model_config_source(str(model_args.model), model_args.get("cache_dir")),
         batch_size=int(batch_size or data_args.get("batch_size") or 1),
         seq_len=int(seq_len or data_args.get("max_length") or 2048),
-        lora=lora,
-        quantization=quantization,
-        quantize=quantization is not None,
-        optimizer=optimizer,
-        gradient_checkpointing=checkpointing,
+        lora=lora.config if lora else None,
+        quantization=precision.config if precision else None,
+        quantize=precision is not None,
+        optimizer=optimizer if isinstance(optimizer, str) else "adamw",
+        gradient_checkpointing=bool(lora and lora.gradient_checkpointing),
         dtype=model_args.get("dtype") or "bf16",
-        devices=count,
-        sharding=sharding or ("fsdp" if "fsdp" in name else "ddp"),
+        devices=devices or _device_count(trainer.devices, trainer.num_nodes),
+        sharding=sharding or ("fsdp" if issubclass(strategy, (FSDPStrategy, ModelParallelStrategy)) else "ddp"),
         loss_chunk_size=model_args.get("loss_chunk_size"),
-        device_type="cpu" if str(trainer.get("accelerator", "")).lower() == "cpu" else "cuda",
+        device_type="cpu" if on_cpu else "cuda",
         trust_remote_code=bool(model_args.get("trust_remote_code", False)),
     )
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors become a ``ValueError`` that ``lightning-qlora`` prints as one line."""
-
-    def error(self, message: str) -> Any:  # noqa: D102 - argparse's hook
-        raise ValueError(f"memory: {message} (options: lightning-qlora memory --help)")
 
 
 def memory_command(argv: list[str]) -> None:
     """Run ``lightning-qlora memory`` with the arguments after ``memory`` (``--help`` lists them).
 
+    Args:
+        argv: ``--config recipe.yaml``, the planner's options and ``--section.key=value`` overrides.
+
     Raises:
-        ValueError: for a missing recipe or values that cannot be planned (``main`` prints it as one line).
+        ValueError: for a missing or unparsable recipe, a bad budget or values that cannot be planned, in one line
+            (``main`` prints it as ``lightning-qlora: error: ...`` and exits with 2).
     """
-    parser = _OneLineParser(
-        prog="lightning-qlora memory",
-        description="Predict the memory of a recipe's training step (no weights are loaded). Other --section.key=value "
-        "arguments override the recipe, e.g. --trainer.devices=2 --data.init_args.batch_size=4.",
-    )
-    parser.add_argument("--config", required=True, help="the recipe YAML (as for fit)")
-    parser.add_argument("--budget", help="memory per GPU, e.g. 80GiB: prints what to change when the plan exceeds it")
-    parser.add_argument("--devices", type=int, help="number of GPUs (default: trainer.devices)")
-    parser.add_argument("--sharding", choices=("ddp", "fsdp"), help="default: from the recipe's strategy")
-    parser.add_argument("--batch-size", type=int, help="sequences per GPU per step (default: data batch_size)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: data max_length)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
-    known, rest = parser.parse_known_args(argv)
-    path = Path(known.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist; pass the YAML you would give to fit --config")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} is not a YAML mapping with model/data/trainer sections")
-    for arg in rest:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise ValueError(f"memory: cannot read {arg!r}; overrides look like --trainer.devices=2")
-        _set_dotted(recipe, key, value)
-    budget = parse_bytes(known.budget) if known.budget else None
-    plan = plan_recipe(recipe, known.devices, known.batch_size, known.seq_len, known.sharding)
-    if known.json:
+    if not any(a in ("-c", "--config") or a.startswith(("--config=", "-h", "--help")) for a in argv):
+        raise ValueError("memory: pass --config recipe.yaml (the YAML you would give to fit --config)")
+    if argv and argv[-1].startswith("--") and "=" not in argv[-1] and argv[-1] not in _OPTIONS:
+        raise ValueError(f"memory: cannot read {argv[-1]!r} without a value; overrides look like --trainer.devices=2")
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths + [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]:
+        _check_yaml(path)
+    config = parse_recipe(argv)
+    budget = parse_bytes(config.budget) if config.budget else None
+    plan = plan_recipe(config, config.devices, config.batch_size, config.seq_len, config.sharding)
+    if config.json:
         payload = {k: v for k, v in plan.as_dict().items() if k != "settings"}
         payload["settings"] = {k: v for k, v in plan.settings.items() if k != "arguments"}
         payload["advice"] = plan.advice(budget) if budget else None

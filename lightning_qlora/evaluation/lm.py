@@ -1,36 +1,27 @@
-"""`LightningLM`: an lm-eval `TemplateLM` that scores a live (Lightning) causal LM in place.
+"""`LightningLM`: lm-eval's own `HFLM`, run in place over a live (Lightning) causal LM.
 
-The behaviour mirrors `lm_eval.models.huggingface.HFLM` for decoder-only models (tokenization, BOS handling,
-context/continuation splitting, left truncation, batching order, logits caching, stop sequences), so numbers match
-HFLM on the same weights. Unlike HFLM it never moves, casts or copies the model and it puts every submodule back in
-the train/eval mode it found it in.
+Scoring, batching, tokenization and generation are HFLM's code, so numbers match HFLM on the same weights. Only
+what must differ is overridden: the constructor (HFLM's calls `model.eval()` and `model.tie_weights()` and may set a
+pad token on the caller's tokenizer), train/eval mode (eval + no_grad for each call, then every submodule gets its
+own mode back), the input device (taken from the module, never by moving it) and black-box models without
+`.generate` / `.config`. The model is never moved, cast, copied or re-tied.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import (
-    DEFAULT_MAX_LENGTH,
-    Collator,
-    has_bos_prefix,
-    resolve_max_length,
-)
-from tqdm import tqdm
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import DEFAULT_MAX_LENGTH, configure_pad_token, normalize_gen_kwargs, resolve_max_length
 
-from lightning_qlora.evaluation.generation import GenerationMixin
 from lightning_qlora.evaluation.tasks import EvaluationError
 
 log = logging.getLogger(__name__)
-
-_Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
 
 def _unwrap(module_or_model: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
@@ -65,12 +56,19 @@ def _infer_device(root: Any, model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-class LightningLM(GenerationMixin, TemplateLM):
-    """lm-eval model adapter around a live causal LM (e.g. `lightning_qlora.models.causal_lm.CausalLM`).
+def _with_pad_token(tokenizer: Any, config: Any) -> Any:
+    """The tokenizer itself when it has a pad token, else a padded copy (HFLM would set one on the caller's)."""
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        return tokenizer
+    return configure_pad_token(copy.deepcopy(tokenizer), model_config=config)
+
+
+class LightningLM(HFLM):
+    """lm-eval `HFLM` over a live causal LM (e.g. `lightning_qlora.models.causal_lm.CausalLM`), used in place.
 
     Args:
-        module_or_model: a module exposing `.model` (called as `model(input_ids=..., attention_mask=...)` and
-            returning `.logits`) and `.tokenizer`, or such a causal LM itself (then pass `tokenizer`).
+        module_or_model: a module exposing `.model` (called as `model(input_ids)` and returning `.logits`) and
+            `.tokenizer`, or such a causal LM itself (then pass `tokenizer`).
         tokenizer: overrides the module's tokenizer.
         batch_size: requests per forward pass.
         max_length: context window in tokens; default from the model config like HFLM (else 2048).
@@ -78,9 +76,9 @@ class LightningLM(GenerationMixin, TemplateLM):
         add_bos_token: as in HFLM: `None` keeps the tokenizer's own behaviour, `True`/`False` force it.
         logits_cache: reuse one forward for requests sharing context + continuation[:-1] (HFLM default).
         max_gen_toks: default generation budget when a task does not set one.
+        softmax_dtype: HFLM's `softmax_dtype` for the log-softmax; float32 by default (HFLM's `None` keeps the
+            logits' dtype, i.e. bf16 log-likelihoods for a bf16 model).
     """
-
-    backend = "causal"
 
     def __init__(
         self,
@@ -93,75 +91,53 @@ class LightningLM(GenerationMixin, TemplateLM):
         *,
         logits_cache: bool = True,
         max_gen_toks: int = 256,
+        softmax_dtype: torch.dtype | None = torch.float32,
     ) -> None:
-        super().__init__()
-        self._root, self._model, self.tokenizer = _unwrap(module_or_model, tokenizer)
+        # HFLM.__init__ is skipped on purpose (it calls `model.eval()` and `model.tie_weights()`, and may give the
+        # caller's tokenizer a pad token); the attributes its methods read are set here, as for a pre-built model.
+        super(HFLM, self).__init__()
+        self._root, self._model, tokenizer = _unwrap(module_or_model, tokenizer)
         try:
             batch_size = int(batch_size)
         except (TypeError, ValueError):
             raise EvaluationError(f"batch_size={batch_size!r} is not an integer; pass a positive int") from None
         if batch_size < 1:
             raise EvaluationError(f"batch_size={batch_size} must be >= 1")
-        self._batch_size = batch_size
-        self._max_length = max_length
+        self._config = getattr(self._model, "config", None)
+        self.backend = "causal"
+        self.tokenizer = _with_pad_token(tokenizer, self._config)
         self._device = torch.device(device) if device is not None else _infer_device(self._root, self._model)
+        self.batch_size_per_gpu = batch_size
+        self._max_length = max_length
+        self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.logits_cache = logits_cache
-        self._max_gen_toks = int(max_gen_toks)
-        self._warned_truncation = False
-
-    @property
-    def model(self) -> Any:
-        """The wrapped causal LM (called, never copied)."""
-        return self._model
-
-    @property
-    def eot_token_id(self) -> int:
-        """End-of-text id: the tokenizer's EOS, like HFLM."""
-        return self.tokenizer.eos_token_id
-
-    @property
-    def prefix_token_id(self) -> int:
-        """Token used as context for empty contexts and rolling windows: BOS, else EOS (HFLM's rule)."""
-        if self.tokenizer.bos_token_id is not None:
-            return self.tokenizer.bos_token_id
-        return self.tokenizer.eos_token_id
+        self.softmax_dtype = softmax_dtype
+        self.mixed_precision_dtype = None
+        self.truncation = False
+        self.custom_prefix_token_id = None
+        self.think_end_token = None
+        self.enable_thinking = None
+        self.chat_template_args = {}
+        self.vocab_size = getattr(self.tokenizer, "vocab_size", None)
+        self.pretrained = self._model
+        self.revision = self.peft = self.delta = None
+        self.batch_schedule, self.batch_sizes, self.max_batch_size = 1, {}, batch_size
 
     @property
     def max_length(self) -> int:
-        """Context window in tokens."""
+        """Context window in tokens (also for models without `.config`)."""
         if self._max_length:
             return int(self._max_length)
-        return resolve_max_length(getattr(self._model, "config", None), self.tokenizer, default=DEFAULT_MAX_LENGTH)
+        return resolve_max_length(self._config, self.tokenizer, default=DEFAULT_MAX_LENGTH)
 
     @property
     def max_gen_toks(self) -> int:
         """Default number of generated tokens."""
         return self._max_gen_toks
 
-    @property
-    def batch_size(self) -> int:
-        """Requests per forward pass."""
-        return self._batch_size
-
-    @property
-    def device(self) -> torch.device:
-        """Device the inputs are placed on."""
-        return self._device
-
-    @property
-    def tokenizer_name(self) -> str:
-        """Tokenizer fingerprint for lm-eval's chat-template caches."""
-        return str(getattr(self.tokenizer, "name_or_path", "") or "tokenizer").replace("/", "__")
-
-    @property
-    def pad_token_id(self) -> int:
-        """Padding id for batched generation; the tokenizer is not modified (HFLM's fallback order)."""
-        ids = (getattr(self.tokenizer, n, None) for n in ("pad_token_id", "unk_token_id", "eos_token_id"))
-        return int(next((i for i in ids if i is not None), 0))
-
     def get_model_info(self) -> dict:
-        """Small, offline model description for lm-eval's results `config`."""
+        """Small, offline model description for lm-eval's results `config` (HFLM's queries the hub)."""
         info: dict[str, Any] = {"model_class": type(self._model).__name__}
         if isinstance(self._model, torch.nn.Module):
             info["model_num_parameters"] = sum(p.numel() for p in self._model.parameters())
@@ -189,152 +165,67 @@ class LightningLM(GenerationMixin, TemplateLM):
                 if module.training != mode:
                     module.train(mode)
 
-    def tok_encode(
-        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
-    ) -> list[int]:
-        """Encode like `HFLM.tok_encode` (tokenizer's own special tokens unless `add_bos_token` is set)."""
-        special = self._special_kwargs(add_special_tokens)
-        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False
-        encoding = self.tokenizer.encode(string, **special)
-        if left_truncate_len:
-            encoding = encoding[-left_truncate_len:]
-        return encoding
-
-    def _special_kwargs(self, add_special_tokens: bool | None = None) -> dict[str, bool]:
-        flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
-        return {} if flag is None else {"add_special_tokens": flag}
-
-    def tok_decode(self, tokens: Any, skip_special_tokens: bool = True) -> str:
-        """Decode token ids."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
-
-    def _batch_encode(self, strings: list[str], left_truncate_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded batch encoding with HFLM's `tok_batch_encode` special-token rule (decided on strings[0])."""
-        bos_prefixed = has_bos_prefix(strings[0], getattr(self.tokenizer, "bos_token", None))
-        special = {"add_special_tokens": False} if bos_prefixed else self._special_kwargs()
-        encoded = [self.tokenizer.encode(s, **special) for s in strings]
-        if left_truncate_len:
-            if max(len(e) for e in encoded) > left_truncate_len:
-                log.warning("Left truncation applied: keeping the last %d tokens of the prompt.", left_truncate_len)
-            encoded = [e[-left_truncate_len:] for e in encoded]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            if e:
-                ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
-                mask[i, width - len(e) :] = 1
-        return ids, mask
-
-    def _model_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self._model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out[0]
-
-    def _loglikelihood_tokens(
-        self, requests: list[_Request], disable_tqdm: bool = False, override_bs: int | None = None
-    ) -> list[tuple[float, bool]]:
-        """Score continuations; same sorting, grouping, truncation and slicing as `HFLM._loglikelihood_tokens`."""
-        res: list[tuple[float, bool]] = []
-
-        def _collate(req: _Request) -> tuple[int, tuple[int, ...]]:
-            toks = req[1] + req[2]
-            return -len(toks), tuple(toks)
-
-        def _lookup_one_token_cont(req: _Request) -> list[int]:
-            return req[-2] + req[-1][:-1]
-
-        re_ord = Collator(
-            requests,
-            sort_fn=_collate,
-            group_by="contexts" if self.logits_cache else None,
-            group_fn=_lookup_one_token_cont,
-        )
-        chunks = re_ord.get_batched(n=self.batch_size)
-        max_length = self.max_length
-        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """HFLM's, in eval mode; train/eval modes are restored afterwards."""
         with self._inference():
-            for chunk in chunks:
-                inps: list[list[int]] = []
-                for _, context_enc, continuation_enc in chunk:
-                    if not context_enc or not continuation_enc:
-                        raise EvaluationError("empty context or continuation after tokenization; check the task")
-                    if len(continuation_enc) > max_length:
-                        raise EvaluationError(
-                            f"continuation of {len(continuation_enc)} tokens exceeds max_length={max_length}"
-                        )
-                    if len(context_enc) + len(continuation_enc) > max_length + 1 and not self._warned_truncation:
-                        self._warned_truncation = True
-                        log.warning(
-                            "Context + continuation exceed max_length=%d; truncating from the left.", max_length
-                        )
-                    inps.append((context_enc + continuation_enc)[-(max_length + 1) :][:-1])
-
-                padding_len = max(len(x) for x in inps)
-                ids = torch.zeros((len(inps), padding_len), dtype=torch.long)  # right padding with 0, like HFLM
-                mask = torch.zeros((len(inps), padding_len), dtype=torch.long)
-                for i, x in enumerate(inps):
-                    ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-                    mask[i, : len(x)] = 1
-                logits_all = self._model_call(ids.to(self.device), mask.to(self.device))
-
-                for (request_str, ctx_tokens, cont_tokens), logits_row, inp in zip(chunk, logits_all, inps):
-                    ctx_len = len(inp) + (logits_row.shape[0] - padding_len)
-                    # log_softmax (fp32) over the scored positions only: same values as HFLM, far less memory
-                    scored = logits_row[ctx_len - len(cont_tokens) : ctx_len].float()
-                    logprobs = F.log_softmax(scored, dim=-1).unsqueeze(0)  # [1, seq, vocab]
-                    greedy_tokens = logprobs.argmax(dim=-1)
-                    for req_str, cont, lp in re_ord.get_cache(
-                        req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_tokens, logits=logprobs
-                    ):
-                        cont_t = torch.tensor(cont, dtype=torch.long, device=lp.device).unsqueeze(0)
-                        is_greedy = bool((greedy_tokens[:, -cont_t.shape[1] :] == cont_t).all())
-                        score = torch.gather(lp, 2, cont_t.unsqueeze(-1)).squeeze(-1)
-                        answer = (float(score.sum()), is_greedy)
-                        res.append(answer)
-                        if req_str is not None:
-                            self.cache_hook.add_partial("loglikelihood", req_str, answer)
-                        pbar.update(1)
-        pbar.close()
-        return re_ord.get_original(res)
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """Full-document log-likelihood with HFLM's disjoint rolling windows (perplexity tasks)."""
-        all_windows: list[tuple[int, _Request]] = []
-        counts: list[int] = []
-        for req_idx, (string,) in enumerate(tqdm([r.args for r in requests], disable=disable_tqdm)):
-            windows = [
-                (None, *lm_utils.make_disjoint_window(w))
-                for w in lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string),
-                    prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length,
-                    context_len=1,
-                )
-            ]
-            all_windows.extend((req_idx, w) for w in windows)
-            counts.append(len(windows))
+        """HFLM's, in eval mode; train/eval modes are restored afterwards."""
+        with self._inference():
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
-        scores: list[float] = []
-        for i in range(0, len(all_windows), self.batch_size):
-            batch = [w for _, w in all_windows[i : i + self.batch_size]]
-            scores.extend(s for s, _ in self._loglikelihood_tokens(batch, disable_tqdm=True, override_bs=len(batch)))
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """HFLM's, in eval mode, after checking every request's budget fits `max_length`."""
+        for _, gen_kwargs in (r.args for r in requests):
+            if not isinstance(gen_kwargs, dict):
+                raise EvaluationError(f"generation kwargs must be a dict, got {type(gen_kwargs).__name__}")
+            max_gen_toks = int(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)["max_gen_toks"])
+            if max_gen_toks >= self.max_length:
+                raise EvaluationError(f"max_gen_toks={max_gen_toks} must be smaller than max_length={self.max_length}")
+        with self._inference():
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        results = [sum(scores[a : a + n]) for a, n in zip(starts, counts)]
-        for req, total in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
-        return results
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render a few-shot chat history with the tokenizer's chat template (as HFLM does)."""
-        import jinja2
-
-        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt)
-        kwargs["continue_final_message"] = not add_generation_prompt
+    def tok_batch_encode(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """HFLM's; the live tokenizer's `padding_side` is put back even if tokenization fails."""
+        side = self.tokenizer.padding_side
         try:
-            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
-        except jinja2.exceptions.TemplateError:
-            log.warning("Chat template failed; retrying without the system message.")
-            chat_history = [m for m in chat_history if m["role"] != "system"]
-            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
+            return super().tok_batch_encode(*args, **kwargs)
+        finally:
+            self.tokenizer.padding_side = side
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> torch.Tensor:
+        """HFLM's `model.generate` call, or a plain decoding loop for models without `.generate`."""
+        if hasattr(self.model, "generate"):
+            return super()._model_generate(context, max_length, stop, **kwargs)
+        return self._decode_loop(context, kwargs.get("attention_mask"), stop, max_length - context.shape[1], kwargs)
+
+    def _decode_loop(
+        self, context: torch.Tensor, attention_mask: torch.Tensor | None, stop: list[str], max_new: int, kwargs: dict
+    ) -> torch.Tensor:
+        """Greedy (or temperature) decoding without KV cache, one unpadded row at a time.
+
+        Returns `[context | new]` rows, finished rows padded with EOS (dropped by `tok_decode`), like `generate`.
+        """
+        temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+        sample = bool(kwargs.get("do_sample")) and temperature > 0.0
+        mask = attention_mask if attention_mask is not None else torch.ones_like(context)
+        rows: list[list[int]] = []
+        for row, row_mask in zip(context, mask):
+            ids = row[row_mask.bool()].unsqueeze(0)
+            new: list[int] = []
+            while len(new) < max_new:
+                logits = self._model_call(ids)[:, -1, :].float()
+                if sample:
+                    nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+                else:
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                ids = torch.cat([ids, nxt.to(ids.device)], dim=1)
+                new.append(int(nxt))
+                if new[-1] == self.eot_token_id or any(s and s in self.tokenizer.decode(new) for s in stop):
+                    break
+            rows.append(new)
+        out = torch.full((len(rows), max(map(len, rows), default=0)), self.eot_token_id, dtype=torch.long)
+        for i, new in enumerate(rows):
+            out[i, : len(new)] = torch.tensor(new, dtype=torch.long)
+        return torch.cat([context, out.to(context.device)], dim=1)

@@ -114,11 +114,6 @@ def fingerprint_digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def base_fingerprint(model: nn.Module, quantization: dict[str, Any] | None = None) -> str:
-    """A short hex digest identifying ``model``'s frozen base and its quantization settings."""
-    return fingerprint_digest(fingerprint_parts(model, quantization))
-
-
 def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Why two :func:`fingerprint_parts` differ (one line), or ``None`` when they match.
 

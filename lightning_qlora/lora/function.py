@@ -121,12 +121,15 @@ class LoRALinearFunction(torch.autograd.Function):
             xa = dropped @ a.t()  # (tokens, r): the only adapter activation backward keeps
             w0 = _dequantized(weight, spec)
             base_bias = None if bias is None else bias.to(spec.base_dtype)
-            base = F.linear(x2.to(spec.base_dtype), w0, base_bias)
+            # in x's shape, never a view: callers may modify the output in place (Falcon does)
+            base = F.linear(x.to(spec.base_dtype), w0, base_bias)
             del w0
-            if base.dtype == spec.lora_dtype:
-                out = base.addmm_(xa, b.t(), alpha=spec.scaling)  # base + s·(x·Aᵀ)·Bᵀ without an extra copy
+            if base.dtype == spec.lora_dtype:  # base + s·(x·Aᵀ)·Bᵀ without an extra copy
+                base.view(-1, base.shape[-1]).addmm_(xa, b.t(), alpha=spec.scaling)
+                out = base
             else:
-                out = base.to(spec.out_dtype) + (torch.mm(xa, b.t()) * spec.scaling).to(spec.out_dtype)
+                update = (torch.mm(xa, b.t()) * spec.scaling).to(spec.out_dtype)
+                out = base.to(spec.out_dtype) + update.view(base.shape)
             out = out.to(spec.out_dtype)
             del dropped
         x_saved = x2.to(spec.lora_dtype)  # the input itself when the dtypes agree: no copy
@@ -135,7 +138,8 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.spec = spec
         ctx.x_dtype = x.dtype
         ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
-        return out.reshape(*shape[:-1], out.shape[-1])
+        ctx.x_shape = shape
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -172,10 +176,16 @@ class LoRALinearFunction(torch.autograd.Function):
                     if keep is not None:
                         lora_gx = torch.where(keep, lora_gx, lora_gx.new_zeros(()))  # 0-dim: faster than 0
                     gx = gx.to(ctx.x_dtype).add_(lora_gx.to(ctx.x_dtype))
-                grad_x = gx.to(ctx.x_dtype).reshape(*grad_out.shape[:-1], gx.shape[-1])
+                grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
             if need_bias:
                 grad_bias = g.sum(0).to(ctx.bias_meta[0])
         return grad_x, None, grad_bias, grad_a, grad_b, None
+
+
+def _nf4_forward() -> Any:
+    from lightning_qlora.quantization.nf4_linear import NF4Linear
+
+    return NF4Linear.forward
 
 
 def fused_base_weight(base: nn.Module) -> tuple[torch.Tensor, Any] | None:
@@ -193,6 +203,8 @@ def fused_base_weight(base: nn.Module) -> tuple[torch.Tensor, Any] | None:
     if not is_4bit_linear(base):
         return None
     bnb = bitsandbytes()
+    if type(base).forward not in (bnb.nn.Linear4bit.forward, _nf4_forward()):
+        return None  # a subclass that post-processes the linear map (its own forward must run)
 
     if not isinstance(weight, bnb.nn.Params4bit):
         return None

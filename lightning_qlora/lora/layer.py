@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_qlora.lora.function import fused_lora_linear
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, is_4bit_linear, is_skipped, tied_linear_names
+from lightning_qlora.quantization.shells import is_linear_like, is_router, linear_shape
 from lightning_qlora.utils.dtypes import dtype_name, to_dtype
 from lightning_qlora.utils.imports import bitsandbytes
 
@@ -81,7 +82,8 @@ class LoRALinear(nn.Module):
     base, ``fused=False``) the plain composition :meth:`plain_forward`. Both compute the same function.
 
     Args:
-        base_layer: the frozen linear layer (``nn.Linear`` or bitsandbytes ``Linear4bit``/``NF4Linear``).
+        base_layer: the frozen linear layer (``nn.Linear`` or a subclass, GPT-2's ``Conv1D``, or bitsandbytes
+            ``Linear4bit``/``NF4Linear``).
         r: rank of the update.
         alpha: scale numerator (``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout probability on the adapter input.
@@ -102,8 +104,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = linear_shape(base_layer)
         self.r = r
         self.alpha = alpha
         self.scaling = lora_scaling(r, alpha, use_rslora)
@@ -166,8 +167,11 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.get_default_device()
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_4bit_linear(module)
+def _is_adaptable(name: str, module: nn.Module) -> bool:
+    """A linear-like layer whose forward is the linear map: not a router that post-processes its logits."""
+    if not (is_linear_like(module) or is_4bit_linear(module)):
+        return False
+    return type(module) is nn.Linear or not is_router(name, module)
 
 
 def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -176,7 +180,7 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     Raises:
         ValueError: if the model has no linear layer, or the targets match none of them.
     """
-    linears = [n for n, m in model.named_modules() if _is_linear(m) and ".base_layer" not in f".{n}"]
+    linears = [n for n, m in model.named_modules() if _is_adaptable(n, m) and ".base_layer" not in f".{n}"]
     linears = [n for n in linears if not isinstance(model.get_submodule(n), LoRALinear)]
     if not linears and not any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no linear layers; LoRA needs nn.Linear (or 4-bit) layers")

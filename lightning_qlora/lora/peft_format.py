@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora.lora.experts import load_peft_experts, peft_expert_tensors
 from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, lora_modules, lora_scaling
+from lightning_qlora.quantization.experts import is_experts_module
 from lightning_qlora.quantization.nf4 import is_4bit_linear
+from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, linear_shape
 from lightning_qlora.utils.atomic import atomic_directory
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.finite import check_finite_tensors
@@ -35,11 +38,10 @@ _ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME})
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")  # optional ".<adapter name>"
 _UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "aLoRA"} | {
     key: key  # config fields whose non-default value changes what the weights mean
-    for key in ("fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
+    for key in ("lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
 }
 
 
-# ----------------------------------------------------------------------------------------------- atomic directories
 def _peft_matches(key: str, targets: list[str] | str) -> bool:
     """PEFT's ``check_target_module_exists`` for a list (exact or ``.suffix``) or a regex (full match)."""
     if isinstance(targets, str):
@@ -65,6 +67,11 @@ def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str] | str
         if {n for n in names if _peft_matches(n, targets)} == wanted:
             return targets
     return candidates[-1]
+
+
+def _sources(layers: dict[str, LoRALinear]) -> list[LoRALinear]:
+    """The adapted layers whose base records the module it replaced (GPT-2's ``Conv1D`` sets ``fan_in_fan_out``)."""
+    return [layer for layer in layers.values() if getattr(layer.base_layer, "source_cls", None) is not None]
 
 
 def _number(value: float) -> int | float:
@@ -101,9 +108,10 @@ def export_peft(
         NonFiniteError: if an adapter tensor holds NaN/inf (nothing is written).
     """
     layers = dict(lora_modules(model))
-    if not layers:
+    expert_tensors, target_parameters = peft_expert_tensors(model)
+    if not layers and not expert_tensors:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to export; call inject_lora(model, config) first")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {PEFT_PREFIX + k: v for k, v in expert_tensors.items()}
     shapes: dict[str, tuple[int, float]] = {}
     for name, layer in layers.items():
         expected = lora_scaling(layer.r, layer.alpha, config.use_rslora)
@@ -121,7 +129,7 @@ def export_peft(
     for shape in shapes.values():
         counts[shape] = counts.get(shape, 0) + 1
     main = (config.r, float(config.alpha))
-    main = main if main in counts else max(counts, key=lambda s: counts[s])
+    main = main if main in counts or not counts else max(counts, key=lambda s: counts[s])
     rank_pattern = {f"^{re.escape(n)}": r for n, (r, _) in shapes.items() if r != main[0]}
     alpha_pattern = {f"^{re.escape(n)}": _number(a) for n, (_, a) in shapes.items() if a != main[1]}
     if base_model_name_or_path is None:
@@ -135,9 +143,10 @@ def export_peft(
         "auto_mapping": None,
         "r": main[0],
         "lora_alpha": _number(main[1]),
-        "lora_dropout": float(config.dropout),
-        "target_modules": peft_target_modules(model, list(layers)),
-        "fan_in_fan_out": False,
+        # peft's ParamWrapper (expert stacks) refuses dropout; it only acts in training, never on the outputs
+        "lora_dropout": 0.0 if expert_tensors else float(config.dropout),
+        "target_modules": peft_target_modules(model, list(layers)) if layers else [],
+        "fan_in_fan_out": any(layer.base_layer.source_cls is conv1d_class() for layer in _sources(layers)),
         "bias": "none",
         "use_rslora": bool(config.use_rslora),
         "use_dora": False,
@@ -148,6 +157,8 @@ def export_peft(
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
+    if target_parameters:
+        adapter_config["target_parameters"] = target_parameters
     from safetensors.torch import save_file
 
     with atomic_directory(directory, owned=lambda n: n in _ADAPTER_FILES) as tmp:
@@ -270,6 +281,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     plan: dict[tuple[int, float], list[str]] = {}
     loads: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     modules = dict(model.named_modules())
+    experts = {k: v for k, v in groups.items() if is_experts_module(modules.get(_unwrapped(k), nn.Module()))}
+    groups = {k: v for k, v in groups.items() if k not in experts}
     missing = [name for name in groups if name not in modules]
     if missing:
         raise ValueError(
@@ -279,15 +292,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     for name, pair in sorted(groups.items()):
         module = modules[name]
         base = module.base_layer if isinstance(module, LoRALinear) else module
-        if not (isinstance(base, nn.Linear) or is_4bit_linear(base)):
+        if not (is_linear_like(base) or is_4bit_linear(base)):
             raise ValueError(f"{path}: {name} is a {type(base).__name__}, not a linear layer; wrong base model")
+        in_features, out_features = linear_shape(base)
         a, b = pair["A"], pair["B"]
         rank = a.shape[0] if a.dim() == 2 else -1
         fits = a.dim() == 2 and b.dim() == 2 and b.shape[1] == rank
-        if not fits or (b.shape[0], a.shape[1]) != (base.out_features, base.in_features):
+        if not fits or (b.shape[0], a.shape[1]) != (out_features, in_features):
             raise ValueError(
                 f"{path}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} but the layer is "
-                f"{base.out_features}x{base.in_features}; this is an adapter for a different base model"
+                f"{out_features}x{in_features}; this is an adapter for a different base model"
             )
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, alpha_default))
         if isinstance(module, LoRALinear):
@@ -311,7 +325,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
             layer = model.get_submodule(name)
             layer.lora_A.copy_(a.to(layer.lora_A.dtype))
             layer.lora_B.copy_(b.to(layer.lora_B.dtype))
+    if experts:
+        load_peft_experts(model, experts, list(cfg.get("target_parameters") or []), result, str(path))
     return result
+
+
+def _unwrapped(key: str) -> str:
+    """A peft module key without the ``.base_layer`` suffixes of nested parameter wrappers."""
+    while key.endswith(".base_layer"):
+        key = key.removesuffix(".base_layer")
+    return key
 
 
 __all__ = ["export_peft", "import_peft", "peft_target_modules"]

@@ -8,7 +8,7 @@ output = o_proj's input, log-sum-exp) ``+ 4·2i`` (SiLU input/output, up, their 
 mask per adapter input. Gradient checkpointing keeps only each layer's input (``2h``) plus one recomputed layer.
 The loss keeps ``12·vocab`` bytes per token at its peak with transformers' loss (fp32 log-softmax output, its
 gradient and the logits' gradient); the chunked loss of :mod:`lightning_qlora.models.losses` ``6·vocab`` per token of
-one chunk. The measured check is ``tests/test_planner.py`` (live tensor bytes of a CPU step, within 15%).
+one chunk. The measured check is ``tests/memory/test_planner.py`` (live tensor bytes of a CPU step, within 15%).
 """
 
 from __future__ import annotations

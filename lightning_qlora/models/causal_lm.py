@@ -34,7 +34,8 @@ class CausalLM(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup steps before the constant learning rate.
         trust_remote_code: allow model code from the checkpoint (off unless you turn it on).
-        attn_implementation: transformers attention backend (``sdpa`` by default).
+        attn_implementation: transformers attention backend (default: transformers' own choice, SDPA where the
+            model supports it, else eager).
         cache_dir: where GGUF conversions are cached.
         loss_chunk_size: compute the loss with :func:`~lightning_qlora.models.losses.chunked_cross_entropy` over
             this many tokens at a time (no fp32 logits for the whole batch, ignored tokens skipped); ``None``: the
@@ -56,7 +57,7 @@ class CausalLM(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         trust_remote_code: bool = False,
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = None,
         cache_dir: str | None = None,
         loss_chunk_size: int | None = 4096,
         init: str = "checkpoint",

@@ -22,10 +22,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_qlora.quantization.experts import quantize_expert_stacks
 from lightning_qlora.quantization.loading import (
     deferred_4bit_linears,
     finalize_deferred,
-    load_safetensors,
     mark_full_precision,
     materialize_random,
 )
@@ -123,7 +123,12 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16, **_gguf_dequantize_kwargs()
+        )
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:  # weights are plain tensors now; drop the GGUF loader so save_pretrained accepts it
+            quantizer.remove_quantization_config(model)
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)  # bf16 safetensors + config, tied weights stored once
         for file in tmp.iterdir():
@@ -132,6 +137,19 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _gguf_dequantize_kwargs() -> dict[str, Any]:
+    """``from_pretrained`` arguments that unpack every GGUF weight into a plain tensor at load time.
+
+    transformers >= 5 otherwise keeps the blocks packed (and warns that bf16 is slow for packed weights) and then
+    refuses ``save_pretrained``; older versions always dequantize and have no ``GgufConfig``.
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -190,27 +208,28 @@ def load_causal_lm(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     trust_remote_code: bool = False,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = None,
     init: Literal["checkpoint", "random"] = "checkpoint",
     init_std: float | None = None,
 ) -> nn.Module:
-    """Build a transformers causal LM from ``model_dir`` and stream its weights in, 4-bit linears quantized on arrival.
+    """Build a transformers causal LM from ``model_dir``, its matmul weights quantized to 4 bits as they arrive.
 
-    The device never holds a full-precision copy of the quantized layers: each one is an empty shell until its
-    weight is read from disk (or drawn at random), and the weight is quantized right away. The returned model is in
-    train mode.
+    Checkpoints load through transformers' own ``from_pretrained`` (key renames, per-expert files fused into expert
+    stacks, shards, tied weights) with the ``"lightning_qlora"`` quantizer
+    (:mod:`~lightning_qlora.quantization.hf_quantizer`): each linear, ``Conv1D`` and expert weight is quantized the
+    moment it is read, so the device never holds the full-precision model. The returned model is in train mode.
 
     Args:
         model_dir: a transformers directory; for ``init="random"`` a directory with only ``config.json`` or the
             config ``.json`` file itself is enough.
         quantization: 4-bit settings (``None``: every layer stays in ``dtype``).
         device: where the model is built.
-        dtype: dtype of the unquantized parameters.
+        dtype: dtype of the unquantized parameters (and of the weights before quantization).
         trust_remote_code: allow model code from the checkpoint.
-        attn_implementation: transformers attention backend.
-        init: ``"checkpoint"`` streams the safetensors weights; ``"random"`` draws each linear from
-            ``N(0, init_std²)`` layer by layer (peak: the 4-bit model plus one layer) and keeps transformers' init
-            for embeddings and norms.
+        attn_implementation: transformers attention backend (``None``: transformers' default, SDPA where the model
+            supports it, else eager).
+        init: ``"checkpoint"`` loads the weights; ``"random"`` draws each linear from ``N(0, init_std²)`` layer by
+            layer (peak: the 4-bit model plus one layer) and keeps transformers' init for embeddings and norms.
         init_std: standard deviation of the random linears (default ``config.initializer_range``, else 0.02).
 
     Raises:
@@ -223,47 +242,110 @@ def load_causal_lm(
         raise ModelSourceError(f"init={init!r} is not supported; use 'checkpoint' (load weights) or 'random'")
     model_dir = Path(model_dir)
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    if init == "random":
+        return _random_causal_lm(config, quantization, device, dtype, trust_remote_code, attn_implementation, init_std)
+    if model_dir.is_file():
+        raise ModelSourceError(f"{model_dir} is a config file without weights; pass init='random' or a checkpoint")
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": torch.device(device)}, "output_loading_info": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        from lightning_qlora.quantization.experts import EXPERTS_IMPLEMENTATION, register_experts_forward
+        from lightning_qlora.quantization.hf_quantizer import QLoRAQuantizationConfig
+
+        register_experts_forward()
+        kwargs["quantization_config"] = QLoRAQuantizationConfig(quantization, device)
+        kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
+    _check_readable(model_dir)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **kwargs)
+    except (ValueError, OSError, RuntimeError) as err:
+        quantizer_errors = getattr(kwargs.get("quantization_config"), "errors", None)
+        if quantizer_errors or "conversion" in str(err):
+            cause = quantizer_errors[0] if quantizer_errors else first_line(err, 200)
+            raise ModelSourceError(
+                f"{model_dir}: {cause}; the checkpoint does not belong to this model architecture"
+            ) from err
+        raise ModelSourceError(f"{model_dir}: {first_line(err, 300)}") from err
+    missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
+    if missing:
+        raise ModelSourceError(
+            f"{model_dir}: weights missing for {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
+            "the checkpoint is incomplete or for another architecture"
+        )
+    if info.get("mismatched_keys"):
+        key = info["mismatched_keys"][0]
+        raise ModelSourceError(f"{model_dir}: {key} does not fit the model; the checkpoint is for another architecture")
+    if quantization is not None:
+        model.is_loaded_in_4bit = True
+    model.train()
+    return model
+
+
+def _check_readable(model_dir: Path) -> None:
+    """One line naming a weights file that is truncated or not safetensors (read its header only).
+
+    Raises:
+        ModelSourceError: naming the file.
+    """
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
+        except Exception as err:  # safetensors raises its own error types for truncated/garbled files
+            reason = first_line(err, 160)
+            message = f"{path} is not a readable safetensors file ({reason}); re-download or re-export it"
+            raise ModelSourceError(message) from None
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    getter = getattr(model, "get_expanded_tied_weights_keys", None)
+    try:
+        return set(getter(all_submodels=True)) if getter is not None else set()
+    except Exception:  # a custom model with a malformed mapping: nothing is tied
+        return set()
+
+
+def _random_causal_lm(
+    config: Any,
+    quantization: QuantizationConfig | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    init_std: float | None,
+) -> nn.Module:
+    """A model of ``config`` with random linears, built layer by layer straight into 4 bits (see ``load_causal_lm``).
+
+    Raises:
+        ModelSourceError: for a non-positive ``init_std``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    std = init_std if init_std is not None else (getattr(config, "initializer_range", None) or 0.02)
+    if not std > 0:
+        raise ModelSourceError(f"random init std={std!r} must be a positive number (e.g. 0.02)")
     config.dtype = dtype
     if attn_implementation:
         config._attn_implementation = attn_implementation
-    if init == "checkpoint":
-        if model_dir.is_file():
-            raise ModelSourceError(f"{model_dir} is a config file without weights; pass init='random' or a checkpoint")
-        files = safetensors_files(model_dir)
-    shells = deferred_4bit_linears(quantization) if quantization else contextlib.nullcontext()
+    shells = deferred_4bit_linears(quantization, device) if quantization else contextlib.nullcontext()
     with default_dtype(dtype), torch.device(device), shells:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     if quantization:
         mark_full_precision(model, quantization.skip_modules)
         if getattr(config, "tie_word_embeddings", False):
             mark_full_precision(model, ["lm_head"])
-    if init == "random":
-        std = init_std if init_std is not None else (getattr(config, "initializer_range", None) or 0.02)
-        if not std > 0:
-            raise ModelSourceError(f"random init std={std!r} must be a positive number (e.g. 0.02)")
         materialize_random(model, std)
-        if init_std is not None and not quantization:  # built in full precision by transformers: redraw linears
-            with torch.no_grad():
-                for module in model.modules():
-                    if isinstance(module, nn.Linear):
-                        module.weight.normal_(0.0, std)
-        if getattr(config, "tie_word_embeddings", False):
-            model.tie_weights()
-        finalize_deferred(model)
-        model.train()
-        return model
-    try:
-        missing = load_safetensors(model, files, device=device, dtype=dtype)
-    except ValueError as err:
-        raise ModelSourceError(str(err)) from err
+        quantize_expert_stacks(model, quantization, device)
+    elif init_std is not None:  # built in full precision by transformers: redraw the linears
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, std)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing:
-        raise ModelSourceError(
-            f"{model_dir}: weights missing for {len(missing)} tensors (e.g. {missing[0]}); "
-            "the checkpoint is incomplete or for another architecture"
-        )
     finalize_deferred(model)
     model.train()
     return model

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import warnings
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, SequentialLR
 
 from lightning_qlora.utils.imports import bitsandbytes
 
@@ -130,28 +130,36 @@ def _fill(group: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def retarget_schedulers(lr_scheduler_configs: list, old: Optimizer, new: Optimizer) -> None:
-    """Point every scheduler of ``old`` at ``new`` (and keep torch's step-order bookkeeping working)."""
-    for config in lr_scheduler_configs:
-        scheduler = config.scheduler
-        if getattr(scheduler, "optimizer", None) is old:
-            scheduler.optimizer = new
-            new._opt_called = True  # type: ignore[attr-defined]
-            _track_step_calls(new)
+    """Point every scheduler of ``old`` at ``new``, through torch's public scheduler API only.
 
+    A scheduler reads and writes only ``scheduler.optimizer.param_groups``, so re-pointing its public ``optimizer``
+    attribute moves the whole schedule: its state (``last_epoch``, ``base_lrs``, ...) is untouched, and ``new``'s
+    groups were copied from ``old``'s, so they already carry the lr it set and the ``initial_lr`` it recorded.
 
-def _track_step_calls(optimizer: Optimizer) -> None:
-    """Wrap ``optimizer.step`` the way torch's schedulers do, so they do not warn that it was overridden."""
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+    Args:
+        lr_scheduler_configs: Lightning's scheduler configs (anything with a ``scheduler`` attribute).
+        old: the optimizer ``configure_optimizers`` returned.
+        new: its bitsandbytes replacement (may be ``old`` itself, then nothing changes).
+
+    Raises:
+        ValueError: for a ``SequentialLR`` or ``ChainedScheduler`` over ``old``: their sub-schedulers hold ``old``
+            and torch offers no public way to reach them.
+    """
+    schedulers = [c.scheduler for c in lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is old]
+    if new is old or not schedulers:
         return
-    step = optimizer.step
-
-    @functools.wraps(step)
-    def tracked_step(*args: Any, **kwargs: Any) -> Any:
-        optimizer._opt_called = True  # type: ignore[attr-defined]
-        return step(*args, **kwargs)
-
-    tracked_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = tracked_step  # type: ignore[method-assign]
+    for scheduler in schedulers:
+        if isinstance(scheduler, (SequentialLR, ChainedScheduler)):
+            raise ValueError(
+                f"{type(scheduler).__name__} cannot follow the optimizer to {type(new).__name__}: its sub-schedulers "
+                "keep updating the torch optimizer; write the schedule as one LambdaLR, or return a bitsandbytes "
+                "optimizer from configure_optimizers (it is used as is)"
+            )
+    # torch only trusts the "optimizer.step() before scheduler.step()" order on optimizers a scheduler was built over;
+    # building an identity schedule (x1.0, lr unchanged) over `new` lets torch install that tracking on `new` itself
+    ConstantLR(new, factor=1.0, total_iters=0)
+    for scheduler in schedulers:
+        scheduler.optimizer = new
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:

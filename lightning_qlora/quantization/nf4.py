@@ -63,12 +63,6 @@ class QuantizationConfig:
         }
 
 
-def _bnb():
-    bnb = bitsandbytes()
-
-    return bnb
-
-
 def is_skipped(name: str, patterns: Iterable[str]) -> bool:
     """Whether a module's dotted ``name`` matches a skip pattern (last component, full name, or regex)."""
     last = name.rsplit(".", 1)[-1]
@@ -92,7 +86,7 @@ def tied_linear_names(model: nn.Module) -> set[str]:
 
 def make_params4bit(data: torch.Tensor, config: QuantizationConfig, device: torch.device | str) -> nn.Parameter:
     """Quantize a full-precision weight onto ``device`` and return a frozen bitsandbytes ``Params4bit``."""
-    bnb = _bnb()
+    bnb = bitsandbytes()
     weight = bnb.nn.Params4bit(
         data.detach().to(device="cpu" if data.device.type == "meta" else data.device),
         requires_grad=False,
@@ -132,9 +126,7 @@ def nf4_linear_class() -> type:
 
 def is_4bit_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a bitsandbytes 4-bit linear layer (ours or anyone's)."""
-    bnb = bitsandbytes()
-
-    return isinstance(module, bnb.nn.Linear4bit)
+    return isinstance(module, bitsandbytes().nn.Linear4bit)
 
 
 def ensure_canonical_packing(layer: nn.Module) -> None:
@@ -164,59 +156,6 @@ def linear_to_4bit(linear: nn.Linear, config: QuantizationConfig, device: torch.
         q.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=linear.bias.requires_grad)
     q.train(linear.training)
     return q
-
-
-def quantizable_linears(model: nn.Module, config: QuantizationConfig) -> list[str]:
-    """Names of the plain ``nn.Linear`` layers that :func:`quantize_model` would replace."""
-    tied = tied_linear_names(model) if config.skip_tied else set()
-    names = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:  # exact type: LoRA wrappers and 4-bit layers are never touched
-            continue
-        logical = name.removesuffix(".base_layer")  # the frozen layer inside a LoRA wrapper has its wrapper's name
-        if is_skipped(logical, config.skip_modules) or name in tied:
-            continue
-        names.append(name)
-    return names
-
-
-def quantize_model(
-    model: nn.Module, config: QuantizationConfig | None = None, device: torch.device | str | None = None
-) -> list[str]:
-    """Replace every plain ``nn.Linear`` (except the skip list and tied heads) with an ``NF4Linear`` in place.
-
-    LoRA adapter matrices are ``nn.Parameter``s inside ``LoRALinear``, not ``nn.Linear`` modules, so they are never
-    quantized; the frozen base layer inside a ``LoRALinear`` is. Layers already in 4 bits are left alone.
-
-    Args:
-        model: any module with linear layers.
-        config: quantization settings; defaults to NF4 + double quant, blocks of 64, bf16 compute.
-        device: where the 4-bit weights go; default: where each weight already lives (CPU weights go to the current
-            CUDA device when one is available).
-
-    Returns:
-        The names of the layers that were quantized.
-
-    Raises:
-        ValueError: if the model has no linear layer at all.
-    """
-    config = config or QuantizationConfig()
-    names = quantizable_linears(model, config)
-    if not names and not any(is_4bit_linear(m) for m in model.modules()):
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        detail = f"only skipped ones: {linears}" if linears else "none at all"
-        raise ValueError(
-            f"{type(model).__name__} has no linear layer to quantize ({detail}); "
-            "NF4Precision needs a model with nn.Linear layers (check skip_modules)"
-        )
-    for name in names:
-        linear = model.get_submodule(name)
-        target = device if device is not None else default_quantization_device(linear.weight)
-        if linear.weight.device.type == "meta":  # nothing was loaded into it: initialise like nn.Linear does
-            linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=target)
-        model.set_submodule(name, linear_to_4bit(linear, config, target))
-    guard_cpu_repack(model)  # also 4-bit layers that were already there (e.g. bitsandbytes' own Linear4bit)
-    return names
 
 
 def default_quantization_device(weight: torch.Tensor) -> torch.device:
@@ -261,7 +200,5 @@ __all__ = [
     "linear_to_4bit",
     "make_params4bit",
     "nf4_linear_class",
-    "quantizable_linears",
-    "quantize_model",
     "tied_linear_names",
 ]

@@ -30,10 +30,11 @@ class PagedOptimizerMixin:
 
     Whatever ``configure_optimizers`` returns is rebuilt as the matching bitsandbytes optimizer (torch ``AdamW`` ->
     ``PagedAdamW``, ``Adam`` -> ``PagedAdam``; anything else -> ``optimizer``), keeping lr, betas, eps, weight
-    decay, param groups and schedulers; only trainable parameters get state. When the module does not define
-    ``configure_optimizers``, the optimizer is built from ``optimizer`` and ``optimizer_kwargs``. On CPU, where
-    paging does not exist, the unpaged equivalent is used with one warning. Call :meth:`_init_paged_optimizer` from
-    the strategy's ``__init__``.
+    decay, param groups and schedulers (each scheduler is re-pointed at the new optimizer; ``SequentialLR`` and
+    ``ChainedScheduler`` cannot be, so return a bitsandbytes optimizer to use those); only trainable parameters get
+    state. When the module does not define ``configure_optimizers``, the optimizer is built from ``optimizer`` and
+    ``optimizer_kwargs``. On CPU, where paging does not exist, the unpaged equivalent is used with one warning. Call
+    :meth:`_init_paged_optimizer` from the strategy's ``__init__``.
     """
 
     optimizer_name: str

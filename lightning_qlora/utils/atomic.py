@@ -111,9 +111,6 @@ def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------------- export
-
-
 TEMP_MARK = ".tmp-"
 """Temp files are named ``.<name>.tmp-<pid>-<random>``: hidden, and never ending like the file they replace."""
 

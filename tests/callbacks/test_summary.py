@@ -9,6 +9,7 @@ from lightning_qlora import LoRA, NF4Precision, PagedOptimizerStrategy, RunSumma
 from lightning_qlora.callbacks.summary import plan_for_run
 from lightning_qlora.memory.footprint import measure_footprint
 from lightning_qlora.models.causal_lm import CausalLM
+from lightning_qlora.utils.formatting import format_bytes
 
 
 def _fit(module, batches, callbacks, root):
@@ -47,7 +48,11 @@ def test_summary_prints_the_plan_for_the_largest_batch(tiny_llama_dir, tmp_path,
     assert plan.paged_optimizer_states == 0  # CPU: the strategy runs unpaged
     out = capsys.readouterr().out
     assert "predicted peak (planner)" in out and "not comparable on CPU" in out
-    assert plan_for_run(trainer, module, (4, 24)).peak == plan.peak
+    assert f"predicted peak (planner)  {format_bytes(plan.peak)} of tensors" in out
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert summary.rows["trainable params"] == f"{trainable:,}" and summary.rows["steps"] == "3"
+    assert summary.tokens == sum(b["input_ids"].numel() for b in batches)  # no attention_mask: every token counts
+    assert trainer.global_step == 3
 
 
 def test_no_plan_for_a_model_without_a_transformers_config():

@@ -365,10 +365,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def test_there_are_at_least_30_cases():
-    assert len(CASES) >= 30
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_naming_it_and_overwrites_nothing(case, work, monkeypatch, capsys):
     monkeypatch.chdir(work)

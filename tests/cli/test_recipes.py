@@ -1,6 +1,7 @@
 """Every recipe parses, starts with the command that runs it, and instantiates on a tiny stand-in model."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,10 +12,17 @@ from lightning_qlora.cli.main import QLoRACLI, main
 RECIPES = sorted(Path(__file__).parents[2].joinpath("recipes").rglob("*.yaml"))
 
 
-def test_there_are_recipes():
-    names = {p.stem for p in RECIPES}
-    assert {"smollm2-135m-faq", "guanaco-7b", "guanaco-13b", "guanaco-33b", "guanaco-65b", "alpaca-7b",
-            "flan-v2-7b", "llama3-8b"} <= names
+def test_every_recipe_the_readme_names_exists_and_every_recipe_is_named():
+    readme = RECIPES[0].parents[2].joinpath("README.md").read_text()
+    named = set()
+    for path in re.findall(r"`(recipes/[^`]+\.yaml)`", readme):
+        stem, _, rest = path.partition("{")
+        choices, _, tail = rest.partition("}")
+        named |= {f"{stem}{c}{tail}" for c in choices.split(",")} if rest else {path}
+    root = RECIPES[0].parents[2]
+    assert named, "the README lists no recipe"
+    assert sorted(p for p in named if not (root / p).is_file()) == []
+    assert sorted(str(p.relative_to(root)) for p in RECIPES if str(p.relative_to(root)) not in named) == []
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

@@ -22,8 +22,6 @@ CONTEXTS = [
 CONTINUATIONS = [" fox", "the cat", "Paris", " sat on the log", " 0 1 2", "."]
 
 
-
-
 class Wrapper(torch.nn.Module):
     """Stand-in for lightning_qlora.models.causal_lm.CausalLM: `.model` + `.tokenizer` only."""
 
@@ -156,6 +154,53 @@ def test_modes_restored_no_copies_no_moves(tiny_tokenizer, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         lm.loglikelihood(_ll_requests()[:2], disable_tqdm=True)
     assert module.training and model.training and not model.model.layers[0].training
+
+
+def _state(module):
+    """Device, dtype, storage and requires_grad of every parameter, buffer and 4-bit quantization constant."""
+    from lightning_qlora.quantization.nf4 import is_4bit_linear
+
+    out = {n: (t.device, t.dtype, t.data_ptr(), t.requires_grad) for n, t in module.named_parameters()}
+    out.update({f"buffer:{n}": (t.device, t.dtype, t.data_ptr()) for n, t in module.named_buffers()})
+    for name, m in module.named_modules():
+        if is_4bit_linear(m):
+            absmax = m.weight.quant_state.absmax
+            out[f"absmax:{name}"] = (absmax.device, absmax.dtype, absmax.data_ptr())
+    return out
+
+
+def test_4bit_lora_model_in_train_mode_is_untouched(tiny_tokenizer):
+    """A 4-bit base with LoRA adapters, mid-fit (train mode, some submodules in eval): evaluating it changes no mode,
+    moves/casts/copies no tensor, and scores exactly like HFLM on the same adapted weights."""
+    from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
+    from lightning_qlora.quantization.nf4 import QuantizationConfig, is_4bit_linear
+    from lightning_qlora.quantization.shells import quantize_model
+
+    model = build_tiny_llama()
+    quantize_model(model, QuantizationConfig(compute_dtype=torch.float32), device="cpu")
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1))
+    mark_only_lora_trainable(model)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.normal_(0, 0.05)
+    module = Wrapper(model, tiny_tokenizer).train()
+    model.model.layers[0].self_attn.eval()
+    assert sum(is_4bit_linear(m) for m in model.modules()) >= 14 and len(list(lora_modules(model))) >= 14
+    modes = {n: m.training for n, m in module.named_modules()}
+    state = _state(module)
+
+    lm = LightningLM(module, batch_size=3, max_length=48)
+    got = lm.loglikelihood(_ll_requests(3), disable_tqdm=True)
+    gen = lm.generate_until(_gen_requests()[:3], disable_tqdm=True)
+    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("the cat sat on the mat " * 6,), 0)], True)
+    assert {n: m.training for n, m in module.named_modules()} == modes
+    assert not model.model.layers[0].self_attn.training and model.model.layers[1].self_attn.training
+    assert _state(module) == state
+
+    hf = _hflm(model, tiny_tokenizer, batch_size=3, max_length=48)  # HFLM leaves the model in eval mode for good
+    _assert_ll_close(got, hf.loglikelihood(_ll_requests(3), disable_tqdm=True))
+    assert gen == hf.generate_until(_gen_requests()[:3], disable_tqdm=True)
+    assert not model.training
 
 
 def test_constructor_errors(tiny_tokenizer):

@@ -21,7 +21,8 @@ from lightning_qlora.lora.layer import (
     lora_state_dict,
     mark_only_lora_trainable,
 )
-from lightning_qlora.quantization.nf4 import QuantizationConfig, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.quantization.shells import quantize_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,8 +13,9 @@ from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
 from lightning_qlora.lora.merge import MergeReport, merge_lora, save_merged_safetensors
-from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, linear_to_4bit, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, linear_to_4bit
 from lightning_qlora.quantization.nf4_linear import NF4Linear
+from lightning_qlora.quantization.shells import quantize_model
 
 QCONFIG = QuantizationConfig(compute_dtype=torch.float32)
 

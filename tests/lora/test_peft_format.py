@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, lora_modules
 from lightning_qlora.lora.peft_format import export_peft, import_peft
-from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack
+from lightning_qlora.quantization.shells import quantize_model
 from lightning_qlora.utils import atomic
 
 peft = pytest.importorskip("peft")

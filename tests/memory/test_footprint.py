@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_qlora import LoRA, NF4Precision, measure_footprint
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora
-from lightning_qlora.quantization.nf4 import QuantizationConfig, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.quantization.shells import quantize_model
 
 NF4_TABLE_BYTES = 16 * 4  # the 16-value NF4 code table (fp32)
 DQ_TABLE_BYTES = 256 * 4  # the 8-bit dynamic map of the nested state (fp32)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, mark_only_lora_trainable
 from lightning_qlora.models.checkpointing import ATTENTION_OPS, checkpoint_kwargs, enable_gradient_checkpointing
-from lightning_qlora.quantization.nf4 import quantize_model
+from lightning_qlora.quantization.shells import quantize_model
 
 
 class CountOps(TorchDispatchMode):

@@ -17,7 +17,8 @@ from lightning_qlora.lora.function import pack_mask, unpack_mask
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_state_dict, mark_only_lora_trainable
 from lightning_qlora.models.checkpointing import enable_gradient_checkpointing
 from lightning_qlora.models.compilation import graph_break_counts, graph_break_report, is_compiled
-from lightning_qlora.quantization.nf4 import QuantizationConfig, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.quantization.shells import quantize_model
 
 VOCAB = 512
 

@@ -131,3 +131,107 @@ def test_quantized_model_trains_only_adapters_and_outputs_change():
         assert not torch.equal(module.net(x), reference(x))
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"net.{layer}.lora_{m}" for layer in ("fc1", "fc2") for m in "AB"}
+
+
+@pytest.mark.parametrize("summary_cls", ["default", "ModelSummary", "RichModelSummary"])
+def test_lightning_model_summary_shows_true_sizes(summary_cls, caplog, recwarn, capsys):
+    import logging
+
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+
+    from lightning_qlora.memory.footprint import measure_footprint
+    from lightning_qlora.plugins.precision import QuantizedSummary
+
+    module = Regression()
+    callbacks = [LoRA(r=4, alpha=8, dropout=0.0)]
+    if summary_cls != "default":
+        callbacks.append({"ModelSummary": ModelSummary, "RichModelSummary": RichModelSummary}[summary_cls]())
+    trainer = L.Trainer(
+        plugins=[NF4Precision()], callbacks=callbacks, max_steps=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=True, enable_checkpointing=False,
+    )
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, loader())
+    assert not [w for w in recwarn if "not supported by the model summary" in str(w.message)]
+    summaries = [cb for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
+    assert len(summaries) == 1
+    summary = summaries[0]._summary(trainer, module)
+    assert isinstance(summary, QuantizedSummary)
+    fp = measure_footprint(module)
+    dense = sum(p.numel() for p in Regression().parameters())  # the same network before quantization
+    assert summary.total_parameters == dense + fp.adapter_params
+    assert summary.total_parameters == fp.quantized_params + fp.unquantized_params + fp.adapter_params
+    assert summary.trainable_parameters == fp.adapter_params
+    assert summary.model_size == pytest.approx(fp.total_bytes / 1e6)
+    assert sum(summary.param_nums) == summary.total_parameters  # the table's rows add up to the total
+    text = caplog.text + capsys.readouterr().out
+    assert "4-bit base params" in text and "Adapter params (trainable)" in text
+    assert f"{fp.total_bytes / 1e6:,.3f}" in text  # the MB figure Lightning prints is the measured one
+
+
+def test_a_summary_subclass_with_its_own_summary_is_left_alone():
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from lightning_qlora.plugins.precision import show_true_sizes
+
+    class Own(ModelSummary):
+        def _summary(self, trainer, pl_module):
+            return "mine"
+
+    own, stock = Own(), ModelSummary()
+    show_true_sizes([own, stock, L.Callback()])
+    show_true_sizes([stock])  # idempotent
+    assert own._summary(None, None) == "mine" and "_summary" not in vars(own)
+    assert "_summary" in vars(stock)
+
+
+def test_bitsandbytes_hub_kernel_note_is_dropped_only_during_our_import(caplog):
+    import logging
+
+    from lightning_qlora.plugins.precision import _quiet_hub_kernel_probe
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    note = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip ..."
+    with caplog.at_level(logging.WARNING):
+        with _quiet_hub_kernel_probe():
+            logger.warning(note, "No module named 'kernels'")
+            logger.warning("another bitsandbytes warning")
+        assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+        logger.warning(note, "x")  # outside our import: untouched
+    assert len(caplog.records) == 2 and not logger.filters
+
+
+_AVX512_BF16_CPU = """
+import importlib.abc, importlib.machinery, sys
+
+class PretendAvx512Bf16(importlib.abc.MetaPathFinder):  # bitsandbytes then probes its CPU hub kernel on import
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, PretendAvx512Bf16())
+"""
+
+
+@pytest.mark.parametrize("how", ["plain import", "NF4Precision"])
+def test_bitsandbytes_hub_kernel_note_is_not_shown_when_the_plugin_imports_it(how):
+    import subprocess
+    import sys
+
+    use = "import bitsandbytes" if how == "plain import" else "from lightning_qlora import NF4Precision; NF4Precision()"
+    run = subprocess.run([sys.executable, "-c", _AVX512_BF16_CPU + use], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = "gemm_4bit_forward" in run.stderr
+    if how == "plain import":
+        if not shown:
+            pytest.skip("bitsandbytes loaded its CPU hub kernel here (kernels installed, hub reachable)")
+    else:
+        assert not shown, run.stderr[-2000:]

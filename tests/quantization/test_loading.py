@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import bitsandbytes as bnb
 import lightning as L
 import pytest
-import safetensors
 import torch
 from bitsandbytes.functional import quantize_4bit
 from conftest import build_tiny_llama, tiny_llama_config
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaForCausalLM
@@ -20,8 +15,9 @@ from transformers import LlamaForCausalLM
 from lightning_qlora import LoRA, NF4Precision
 from lightning_qlora.lora.layer import LoRALinear
 from lightning_qlora.memory.footprint import measure_footprint
-from lightning_qlora.quantization.loading import deferred_layers, finalize_deferred, load_safetensors
-from lightning_qlora.quantization.nf4 import is_4bit_linear, quantize_model
+from lightning_qlora.quantization.loading import deferred_layers, finalize_deferred
+from lightning_qlora.quantization.nf4 import is_4bit_linear
+from lightning_qlora.quantization.shells import quantize_model
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -133,67 +129,15 @@ def test_configure_model_quantizes_on_load_inside_trainer_fit(reference):
     assert len([m for m in module.modules() if isinstance(m, LoRALinear)]) == 14
 
 
-class TensorTracker:
-    """Wraps ``safetensors.safe_open`` to see how many full-precision linear weights are alive at each read."""
+def test_checkpoint_loads_through_transformers_with_every_weight_quantized_on_arrival(reference, tmp_path):
+    from lightning_qlora.models.sources import load_causal_lm
+    from lightning_qlora.quantization.nf4 import QuantizationConfig
 
-    def __init__(self, watched: set[str]):
-        self.watched = watched
-        self.refs: dict[str, weakref.ref] = {}
-        self.alive_at_read: list[int] = []
-        self.reads: list[str] = []
-        self.original = safetensors.safe_open
-
-    def alive(self) -> int:
-        return sum(1 for key, ref in self.refs.items() if key in self.watched and ref() is not None)
-
-    def __call__(self, *args, **kwargs):
-        tracker, inner = self, self.original(*args, **kwargs)
-
-        class Handle:
-            def __enter__(self):
-                inner.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return inner.__exit__(*exc)
-
-            def keys(self):
-                return inner.keys()
-
-            def get_tensor(self, key):
-                tracker.alive_at_read.append(tracker.alive())
-                tracker.reads.append(key)
-                tensor = inner.get_tensor(key)
-                tracker.refs[key] = weakref.ref(tensor)
-                return tensor
-
-        return Handle()
-
-
-def test_load_safetensors_streams_tensor_by_tensor(reference, tmp_path, monkeypatch):
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
-    linear_weights = {f"{n}.weight" for n in quantized_linear_names(reference)}
-    tracker = TensorTracker(linear_weights)
-    monkeypatch.setattr(safetensors, "safe_open", tracker)
-
-    plugin = NF4Precision()
-    with plugin.module_init_context():
-        model = LlamaForCausalLM(tiny_llama_config())
-    assert all(shell.weight.device.type == "meta" for _, shell in deferred_layers(model))
-    missing = load_safetensors(model, [path])
-    gc.collect()
-
-    assert missing == []
-    assert set(tracker.reads) == set(reference.state_dict())
-    # at every read at most one full-precision projection (the layer being filled) is alive, none after loading
-    assert max(tracker.alive_at_read) <= 1
-    assert tracker.alive() == 0
-    plugin.convert_module(model)
+    reference.save_pretrained(tmp_path)
+    model = load_causal_lm(tmp_path, QuantizationConfig())  # transformers' from_pretrained + our quantizer
     assert assert_bits_equal_direct_quantization(model, reference) == 14
-    assert type(model.lm_head) is nn.Linear
+    assert type(model.lm_head) is nn.Linear  # the skipped head keeps its weight unquantized
     assert torch.equal(model.lm_head.weight, reference.lm_head.weight.to(model.lm_head.weight.dtype))
-
     ids = torch.randint(4, 512, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(ids).logits
@@ -218,11 +162,12 @@ def test_tied_head_stays_tied_and_unquantized_on_load(tmp_path):
         reference.model.embed_tokens.weight.numel()
     )
 
-    # from a Hugging Face save (which leaves the tied head out of the file)
+    # from a Hugging Face save (which leaves the tied head out of the file), loaded by transformers
+    from lightning_qlora.models.sources import load_causal_lm
+    from lightning_qlora.quantization.nf4 import QuantizationConfig
+
     reference.save_pretrained(tmp_path)
-    with plugin.module_init_context():
-        streamed = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
-    load_safetensors(streamed, sorted(tmp_path.glob("*.safetensors")))
+    streamed = load_causal_lm(tmp_path, QuantizationConfig())
     plugin.convert_module(streamed)
     assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
     assert torch.equal(streamed.lm_head.weight, reference.lm_head.weight.to(torch.bfloat16))
@@ -263,24 +208,6 @@ def _one_line_error(fn, *needles):
     for needle in needles:
         assert needle in message, message
     return message
-
-
-def test_load_safetensors_bad_files_are_one_line_errors(tmp_path):
-    with NF4Precision().module_init_context():
-        model = LlamaForCausalLM(tiny_llama_config())
-    _one_line_error(
-        lambda: load_safetensors(model, [tmp_path / "nope.safetensors"]), "nope.safetensors", "does not exist"
-    )
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"\x00\x01 not a safetensors file")
-    _one_line_error(lambda: load_safetensors(model, [garbage]), "garbage.safetensors", "re-download")
-
-    other = build_tiny_llama(intermediate_size=192)
-    wrong = tmp_path / "wrong.safetensors"
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
-    _one_line_error(
-        lambda: load_safetensors(model, [wrong]), "wrong.safetensors", "size mismatch", "(64, 128)", "architecture"
-    )
 
 
 # ----------------------------------------------------------------------------- random init and bounded peaks

@@ -23,9 +23,9 @@ from lightning_qlora.quantization.nf4 import (
     ensure_canonical_packing,
     guard_cpu_repack,
     is_4bit_linear,
-    quantize_model,
 )
 from lightning_qlora.quantization.nf4_linear import NF4Linear
+from lightning_qlora.quantization.shells import quantize_model
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

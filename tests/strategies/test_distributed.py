@@ -23,7 +23,8 @@ from torch import nn
 from lightning_qlora import LoRA, NF4Precision, PagedOptimizerStrategy
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, mark_only_lora_trainable
 from lightning_qlora.models.causal_lm import CausalLM
-from lightning_qlora.quantization.nf4 import QuantizationConfig, quantize_model
+from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.quantization.shells import quantize_model
 from lightning_qlora.strategies.ddp import PagedDDPStrategy, tensor_checksum
 from lightning_qlora.strategies.fsdp import QLoRAFSDPStrategy, check_shardable, qlora_wrap_modules
 from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy

@@ -13,7 +13,13 @@ from conftest import TinyMLP
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_qlora import LoRA, PagedOptimizerStrategy
-from lightning_qlora.optim.paged import build_optimizer, convert_optimizer, optimizer_class, optimizer_state_bytes
+from lightning_qlora.optim.paged import (
+    build_optimizer,
+    convert_optimizer,
+    optimizer_class,
+    optimizer_state_bytes,
+    retarget_schedulers,
+)
 
 ADAPTERS = {f"net.{layer}.lora_{m}" for layer in ("fc1", "fc2") for m in "AB"}
 
@@ -73,12 +79,17 @@ def paged_warnings(caught) -> list:
     return [w for w in caught if "paged optimizers need CUDA" in str(w.message)]
 
 
+def scheduler_warnings(caught) -> list:
+    """torch's step-order warnings: "`optimizer.step()` has been overridden", "`lr_scheduler.step()` before"."""
+    return [w for w in caught if "lr_scheduler" in str(w.message) or "optimizer.step()" in str(w.message)]
+
+
 def test_wraps_configure_optimizers_keeping_groups_hyperparameters_and_scheduler():
     module, strategy, recorder = WithGroupsAndScheduler(), PagedOptimizerStrategy(), LrRecorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = fit(module, strategy, steps=6, callbacks=[recorder])
-    assert not [w for w in caught if "overridden after learning rate scheduler" in str(w.message)]
+    assert not scheduler_warnings(caught)
     assert len(paged_warnings(caught)) == 1  # one warning for the whole run, not one per step
 
     optimizer = trainer.optimizers[0]
@@ -198,3 +209,136 @@ def test_convert_optimizer_keeps_a_torch_optimizers_settings():
     assert [p for g in converted.param_groups for p in g["params"]] == [params[0]]
     with pytest.raises(ValueError, match="no trainable parameters"):
         convert_optimizer(torch.optim.AdamW([params[1]]), "paged_adamw_32bit", paged=False)
+
+
+SCHEDULES = {
+    "lambda_warmup": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4)),
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "sequential": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=3),
+            torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        ],
+        milestones=[3],
+    ),
+    "chained": lambda opt: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.StepLR(opt, 2), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]
+    ),
+}
+
+
+class Scheduled(Regression):
+    def __init__(self, schedule: str, optimizer_cls=torch.optim.AdamW):
+        super().__init__()
+        self.schedule, self.optimizer_cls = schedule, optimizer_cls
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_cls([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = SCHEDULES[self.schedule](optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def torch_lrs(schedule: str, steps: int) -> tuple[list[float], float]:
+    """The lr a plain torch AdamW sees before each of ``steps`` steps under ``schedule``, and the lr after them."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    scheduler = SCHEDULES[schedule](optimizer)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen, optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("schedule", ["lambda_warmup", "step"])
+def test_converted_optimizer_follows_the_torch_schedule_step_for_step_without_warnings(schedule):
+    recorder, steps = LrRecorder(), 7
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(Scheduled(schedule), PagedOptimizerStrategy(), steps=steps, callbacks=[recorder])
+    assert not scheduler_warnings(caught)
+    optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    assert type(optimizer) is bnb.optim.AdamW32bit and scheduler.optimizer is optimizer
+    seen, final = torch_lrs(schedule, steps)
+    assert [lrs[0] for lrs in recorder.lrs] == seen  # exactly torch's values, step for step
+    assert optimizer.param_groups[0]["lr"] == final == scheduler.get_last_lr()[0]
+
+
+def test_retargeted_scheduler_steps_the_new_optimizer_without_warnings():
+    params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8), requires_grad=False)]
+    old = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = SCHEDULES["lambda_warmup"](old)
+    new = convert_optimizer(old, "adamw_32bit", paged=False)
+    retarget_schedulers([type("Config", (), {"scheduler": scheduler})()], old, new)
+    assert scheduler.optimizer is new and new.param_groups[0]["lr"] == old.param_groups[0]["lr"] == 2.5e-3
+    seen, final = torch_lrs("lambda_warmup", 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns if it cannot see that new.step() ran before scheduler.step()
+        for want in seen:
+            assert new.param_groups[0]["lr"] == want
+            params[0].grad = torch.ones_like(params[0])
+            new.step()
+            scheduler.step()
+    assert new.param_groups[0]["lr"] == final
+    assert old.param_groups[0]["lr"] == 2.5e-3  # the torch optimizer is left alone
+    retarget_schedulers([type("Config", (), {"scheduler": scheduler})()], new, new)  # already bitsandbytes: no-op
+
+
+@pytest.mark.parametrize("schedule, name", [("sequential", "SequentialLR"), ("chained", "ChainedScheduler")])
+def test_composite_schedulers_over_a_torch_optimizer_are_refused(schedule, name):
+    with pytest.raises(ValueError, match=f"{name} cannot follow the optimizer to AdamW32bit.*one LambdaLR"):
+        fit(Scheduled(schedule), PagedOptimizerStrategy(), steps=1)
+
+
+def test_composite_scheduler_over_a_bitsandbytes_optimizer_is_used_as_is():
+    recorder, steps = LrRecorder(), 6
+    module = Scheduled("sequential", optimizer_cls=bnb.optim.AdamW32bit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(module, PagedOptimizerStrategy(), steps=steps, callbacks=[recorder])
+    assert not scheduler_warnings(caught)
+    seen, final = torch_lrs("sequential", steps)
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(seen)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(final)
+
+
+def test_resuming_restores_the_bitsandbytes_state_and_the_schedule(tmp_path):
+    """Two epochs in one go equal one epoch, a checkpoint, and a resumed second epoch: lr, state and weights."""
+
+    def run(epochs, ckpt_path=None):
+        L.seed_everything(0)
+        recorder = LrRecorder()
+        trainer = L.Trainer(
+            strategy=PagedOptimizerStrategy(),
+            callbacks=[LoRA(r=4, alpha=8, dropout=0.0), recorder],
+            max_epochs=epochs,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Scheduled("lambda_warmup"), loader(), ckpt_path=ckpt_path)
+        assert not scheduler_warnings(caught)
+        return trainer, recorder.lrs
+
+    whole, whole_lrs = run(2)
+    first, first_lrs = run(1)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, resumed_lrs = run(2, ckpt_path=tmp_path / "epoch1.ckpt")
+
+    assert first_lrs + resumed_lrs == whole_lrs
+    scheduler = resumed.lr_scheduler_configs[0].scheduler
+    assert scheduler.optimizer is resumed.optimizers[0]
+    assert scheduler.state_dict() == whole.lr_scheduler_configs[0].scheduler.state_dict()
+    a, b = whole.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for key in a["state"]:
+        for name, value in a["state"][key].items():
+            torch.testing.assert_close(value, b["state"][key][name], rtol=0, atol=0)
+    resumed_params = dict(resumed.lightning_module.named_parameters())
+    for name, param in whole.lightning_module.named_parameters():
+        assert torch.equal(param, resumed_params[name]), name

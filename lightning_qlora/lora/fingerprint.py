@@ -35,13 +35,18 @@ def _holds_4bit_weight(module: nn.Module) -> bool:
 
 
 def _logical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    bnb = bitsandbytes()
     shapes: dict[str, tuple[int, ...]] = {}
     four_bit = {f"{n}.weight": m for n, m in model.named_modules() if _holds_4bit_weight(m)}
     for name, module in four_bit.items():
         shapes[name] = (module.out_features, module.in_features)
     for name, param in model.named_parameters():
-        if name not in four_bit and not is_lora_parameter(name):
-            shapes[name] = tuple(param.shape)
+        if name in four_bit or is_lora_parameter(name):
+            continue
+        state = getattr(param, "quant_state", None)  # a 4-bit expert stack: its logical 3-D shape
+        shapes[name] = tuple(state.shape) if isinstance(param, bnb.nn.Params4bit) and state is not None else tuple(
+            param.shape
+        )
     return {k.replace(".base_layer.", "."): v for k, v in shapes.items()}
 
 
@@ -70,23 +75,19 @@ def frozen_value_digests(model: nn.Module) -> dict[str, str]:
 
 
 def quantized_code_digests(model: nn.Module) -> dict[str, str]:
-    """One digest per 4-bit weight over a sample of its packed codes (the bytes bitsandbytes stores).
+    """One digest per 4-bit tensor (linear weights, expert stacks) over a sample of its packed codes.
 
-    Layers not quantized yet (full-precision weights before the plugin converts them, meta shells) are left out.
+    Tensors not quantized yet (full-precision weights before the plugin converts them, meta shells) are left out.
     """
     bnb = bitsandbytes()
-
     out: dict[str, str] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, bnb.nn.Params4bit) or weight.device.type == "meta":
+    for name, param in model.named_parameters():
+        if not isinstance(param, bnb.nn.Params4bit) or param.device.type == "meta" or not param.is_contiguous():
             continue
-        codes = weight.detach().reshape(-1).view(torch.uint8) if weight.is_contiguous() else None
-        if codes is None:
-            continue
+        codes = param.detach().reshape(-1).view(torch.uint8)
         stride = max(1, codes.numel() // _SAMPLE)
         sample = codes[::stride][:_SAMPLE].to("cpu")
-        out[f"{name}.weight".replace(".base_layer.", ".")] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+        out[name.replace(".base_layer.", ".")] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
     return out
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from lightning_qlora.lora.layer import is_lora_parameter
-from lightning_qlora.quantization.nf4 import is_4bit_linear
+from lightning_qlora.quantization.experts import EXPERT_PARAMETERS
+from lightning_qlora.quantization.shells import is_linear_like
 from lightning_qlora.utils.formatting import format_bytes
+from lightning_qlora.utils.imports import bitsandbytes
+from lightning_qlora.utils.modules import model_root
 
 
 @dataclass
@@ -28,6 +32,14 @@ class Footprint:
     """LoRA parameters."""
     adapter_bytes: int
     """Bytes of the LoRA parameters."""
+    full_precision_matmul_params: int = 0
+    """Matmul weights (linear, ``Conv1D``, expert stacks; the output head excluded) kept in full precision."""
+
+    @property
+    def matmul_share_4bit(self) -> float:
+        """Share of the matmul weights held in 4 bits (1.0 when every linear and expert stack but the head is)."""
+        total = self.quantized_params + self.full_precision_matmul_params
+        return self.quantized_params / total if total else 0.0
 
     @property
     def bits_per_quantized_param(self) -> float:
@@ -44,6 +56,7 @@ class Footprint:
         out: dict[str, float] = {k: float(v) for k, v in asdict(self).items()}
         out["bits_per_quantized_param"] = self.bits_per_quantized_param
         out["total_bytes"] = float(self.total_bytes)
+        out["matmul_share_4bit"] = self.matmul_share_4bit
         return out
 
     def summary(self) -> str:
@@ -52,7 +65,7 @@ class Footprint:
             f"{self.quantized_params / 1e6:.2f}M params in 4 bits ({self.bits_per_quantized_param:.3f} bits/param, "
             f"{format_bytes(self.quantized_bytes)}), {self.unquantized_params / 1e6:.2f}M unquantized "
             f"({format_bytes(self.unquantized_bytes)}), {self.adapter_params / 1e6:.2f}M adapter "
-            f"({format_bytes(self.adapter_bytes)})"
+            f"({format_bytes(self.adapter_bytes)}); {100 * self.matmul_share_4bit:.1f}% of the matmul weights in 4 bits"
         )
 
 
@@ -79,24 +92,34 @@ def quant_state_bytes(state, seen_storage: set[int] | None = None) -> int:
 
 
 def measure_footprint(model: nn.Module) -> Footprint:
-    """Count the bytes of ``model`` by kind (shared tensors are counted once)."""
+    """Count the bytes of ``model`` by kind (shared tensors are counted once).
+
+    4-bit tensors are every bitsandbytes ``Params4bit`` (linear weights and expert stacks), counted by their logical
+    shape; full-precision matmul weights are those of linear-like layers and 3-D expert stacks, the head excluded.
+    """
+    bnb = bitsandbytes()
+    root = model if hasattr(model, "get_output_embeddings") else model_root(model)  # a LightningModule: its network
+    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    matmul_ids = {id(m.weight) for m in model.modules() if is_linear_like(m) and isinstance(m.weight, torch.Tensor)}
     seen: set[int] = set()
     shared_tables: set[int] = set()
-    q_params = q_bytes = u_params = u_bytes = a_params = a_bytes = 0
-    for module in model.modules():
-        if is_4bit_linear(module):
-            weight = module.weight
-            seen.add(id(weight))
-            q_params += module.in_features * module.out_features
-            q_bytes += _tensor_bytes(weight.data) + quant_state_bytes(weight.quant_state, shared_tables)
+    q_params = q_bytes = u_params = u_bytes = a_params = a_bytes = fp_matmul = 0
     for name, param in model.named_parameters(remove_duplicate=True):
         if id(param) in seen:
             continue
         seen.add(id(param))
-        if is_lora_parameter(name):
+        state = getattr(param, "quant_state", None)
+        if isinstance(param, bnb.nn.Params4bit) and state is not None:
+            q_params += math.prod(state.shape)
+            q_bytes += _tensor_bytes(param.data) + quant_state_bytes(state, shared_tables)
+        elif is_lora_parameter(name):
             a_params += param.numel()
             a_bytes += _tensor_bytes(param)
         else:
             u_params += param.numel()
             u_bytes += _tensor_bytes(param)
-    return Footprint(q_params, q_bytes, u_params, u_bytes, a_params, a_bytes)
+            is_stack = param.dim() == 3 and name.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
+            if (id(param) in matmul_ids or is_stack) and id(param) not in head_ids:
+                fp_matmul += param.numel()
+    return Footprint(q_params, q_bytes, u_params, u_bytes, a_params, a_bytes, fp_matmul)

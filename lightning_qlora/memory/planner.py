@@ -22,7 +22,9 @@ from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
 from lightning_qlora.memory.storage_bytes import code_table_bytes, optimizer_bytes, quantized_bytes
+from lightning_qlora.quantization.experts import expert_stacks, stack_names
 from lightning_qlora.quantization.nf4 import QuantizationConfig, is_skipped
+from lightning_qlora.quantization.shells import is_router, linear_shape, shell_candidates
 from lightning_qlora.utils.dtypes import DTypeLike, dtype_name, to_dtype
 from lightning_qlora.utils.formatting import GIB, MIB, format_bytes
 
@@ -146,7 +148,7 @@ class MemoryPlan:
             ("part", unit, "detail"),
             ("4-bit base weights", self.quantized_weights, f"{_count(self.quantized_params)} params, "
              f"{self.bits_per_quantized_param:.3f} bits/param ({s['quant']})"),
-            ("unquantized params", self.unquantized_weights, f"embeddings, norms, head in {s['dtype']}"),
+            ("unquantized params", self.unquantized_weights, f"{s['unquantized']} in {s['dtype']}"),
             ("LoRA adapters", self.adapters, f"{self.adapter_params / 1e6:.1f}M params, r={s['r']}, "
              f"{s['lora_layers']} layers, {s['adapter_dtype']}"),
             ("adapter gradients", self.gradients, "alive from backward to the optimizer step"),
@@ -262,25 +264,28 @@ def plan_memory(
     e = dtype.itemsize
     net = _meta_model(config, trust_remote_code)
 
-    # ---- parameters, exactly
-    skip = quantization.skip_modules if quantization else ()
-    tied = {"lm_head"} if getattr(text, "tie_word_embeddings", False) else set()
+    # ---- parameters, exactly: linear-like layers and expert stacks as the loader quantizes them
     q_params = q_bytes = largest = 0
     quantized: set[int] = set()
-    for name, module in net.named_modules():
-        if quantization and isinstance(module, nn.Linear) and not is_skipped(name, skip) and name not in tied:
-            n = module.in_features * module.out_features
-            q_params += n
-            q_bytes += quantized_bytes(n, quantization)
-            largest = max(largest, n)
-            quantized.add(id(module.weight))
+    linears = dict(shell_candidates(net, quantization)) if quantization else {}
+    stacks = _expert_stacks(net, quantization)
+    for module in linears.values():
+        n = module.weight.numel()
+        q_params, q_bytes, largest = q_params + n, q_bytes + quantized_bytes(n, quantization), max(largest, n)
+        quantized.add(id(module.weight))
+    for param in stacks:
+        n = param.numel()
+        q_params, q_bytes = q_params + n, q_bytes + quantized_bytes(n, quantization)
+        largest = max(largest, n // param.shape[0])  # one expert is dequantized at a time
+        quantized.add(id(param))
     q_bytes += code_table_bytes(quantization) if quantization else 0
     u_bytes = sum(p.numel() * e for p in net.parameters() if id(p) not in quantized)
     n_params = sum(p.numel() for p in net.parameters())
     targets = find_lora_targets(net, lora)
-    shapes = [(t, net.get_submodule(t).in_features, net.get_submodule(t).out_features) for t in targets]
+    shapes = [(t, *linear_shape(net.get_submodule(t))) for t in targets]
     a_item = to_dtype(lora.dtype).itemsize
     numels = [n for _, i, o in shapes for n in (lora.r * i, lora.r * o)]
+    numels += [lora.r * p.shape[0] * (p.shape[1] + p.shape[2]) for p in _expert_stacks(net, QuantizationConfig())]
     a_params = sum(numels)
     a_bytes = a_params * a_item
     opt_bytes, paged = optimizer_bytes(numels, optimizer, to_dtype(lora.dtype))
@@ -373,6 +378,7 @@ def plan_memory(
         "tokens": tokens, "vocab_size": vocab, "layers": layers, "r": lora.r, "lora_layers": len(targets),
         "adapter_dtype": lora.dtype, "optimizer": optimizer, "gradient_checkpointing": gradient_checkpointing,
         "dtype": dtype_name(dtype), "devices": devices, "sharding": sharding,
+        "unquantized": _unquantized_kinds(net, quantized),
         "quant": "none" if not quantization else
         f"{quantization.quant_type}{' + DQ' if quantization.double_quant else ''}, blocks of {quantization.blocksize}",
         "phases": step_phases, "arguments": arguments,
@@ -394,3 +400,43 @@ def plan_memory(
         peak=peak,
         settings=settings,
     )
+
+
+def _expert_stacks(net: nn.Module, quantization: QuantizationConfig | None) -> list[torch.Tensor]:
+    """The 3-D expert stacks the loader quantizes (none without quantization or where experts cannot be 4-bit)."""
+    if quantization is None:
+        return []
+    try:
+        found = expert_stacks(net)
+    except ValueError:  # experts outside transformers' experts interface stay full precision
+        return []
+    return [
+        getattr(module, stack)
+        for name, module in found
+        if not is_skipped(name, quantization.skip_modules)
+        for stack in stack_names(module)
+    ]
+
+
+def _unquantized_kinds(net: nn.Module, quantized: set[int]) -> str:
+    """What the full-precision parameters are, largest kind first (``embeddings, head, norms``)."""
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    kinds: dict[str, int] = {}
+    for module_name, module in net.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in quantized:
+                continue
+            if isinstance(module, nn.Embedding):
+                kind = "embeddings"
+            elif module is head:
+                kind = "head"
+            elif name.endswith("bias"):
+                kind = "biases"
+            elif "norm" in f"{module_name}.{name}".lower():
+                kind = "norms"
+            elif is_router(module_name, module):
+                kind = "routers"
+            else:
+                kind = "other (full-precision matmuls)" if param.dim() >= 2 else "other"
+            kinds[kind] = kinds.get(kind, 0) + param.numel()
+    return ", ".join(sorted(kinds, key=lambda k: -kinds[k])) or "none"

@@ -172,7 +172,8 @@ class QuantizedSummary(ModelSummary):
     @property
     @override
     def total_parameters(self) -> int:
-        return true_param_count(self._model)
+        fp = self.footprint
+        return fp.quantized_params + fp.unquantized_params + fp.adapter_params
 
     @property
     @override
@@ -190,7 +191,7 @@ class QuantizedSummary(ModelSummary):
             ),
             (fp.unquantized_params, f"Unquantized params: {format_bytes(fp.unquantized_bytes)}"),
             (fp.adapter_params, f"Adapter params (trainable): {format_bytes(fp.adapter_bytes)}"),
-            (true_param_count(self._model), f"Total params: {format_bytes(fp.total_bytes)}"),
+            (self.total_parameters, f"Total params: {format_bytes(fp.total_bytes)} (= {self.model_size:,.3f} MB)"),
         ]
         return [f"{get_human_readable_count(count):<10}{label}" for count, label in rows]
 
@@ -238,7 +239,7 @@ class _DropHubKernelProbe(logging.Filter):
 
     bitsandbytes tries ``kernels-community/quantization-bitsandbytes`` (a hub download) when it is imported on a CPU
     with AVX512-BF16 and logs a warning when that fails (offline, or without the ``kernels`` package). That kernel
-    serves only the CPU inference layout, which :class:`NF4Linear` never uses, so nothing the user could do about
+    serves only the CPU inference layout, which ``NF4Linear`` never uses, so nothing the user could do about
     the message would change a run.
     """
 

@@ -102,3 +102,17 @@ def test_footprint_is_logged_at_fit_start(caplog):
     assert plugin.footprint is not None and plugin.footprint.summary() in lines[0]
     assert plugin.footprint == measure_footprint(module)  # base and adapter sizes do not change while training
     assert plugin.footprint.adapter_params == 2 * 4 * (2 * 128 + 2 * 96 + 3 * 192)
+
+
+def test_share_of_matmul_weights_in_4_bits():
+    model = build_tiny_llama()
+    quantize_model(model)
+    footprint = measure_footprint(model)
+    assert footprint.matmul_share_4bit == 1.0  # every projection; the head is not a matmul weight we count
+    assert "100.0% of the matmul weights in 4 bits" in footprint.summary()
+    partial = build_tiny_llama()
+    quantize_model(partial, QuantizationConfig(skip_modules=("lm_head", "q_proj")))
+    q_proj = sum(m.weight.numel() for n, m in partial.named_modules() if n.endswith("q_proj"))
+    share = measure_footprint(partial).matmul_share_4bit
+    assert share == pytest.approx(1 - q_proj / sum(p.numel() for n, p in build_tiny_llama().named_parameters()
+                                                  if "proj" in n), rel=1e-9)  # fmt: skip

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-from lightning_qlora.callbacks.lora import enable_gradient_checkpointing
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, mark_only_lora_trainable
 from lightning_qlora.memory.footprint import measure_footprint
 from lightning_qlora.memory.planner import plan_memory
 from lightning_qlora.memory.tracker import LiveTensorTracker, tensor_bytes
+from lightning_qlora.models.checkpointing import enable_gradient_checkpointing
 from lightning_qlora.models.losses import causal_lm_loss
 from lightning_qlora.models.sources import ModelSourceError, load_causal_lm
 from lightning_qlora.optim.paged import build_optimizer, optimizer_state_bytes
@@ -61,6 +61,32 @@ def test_parameter_adapter_and_optimizer_bytes_are_exact(tmp_path, optimizer):
     assert plan.optimizer_states == tensor_bytes(states)  # the 8-bit quantization maps are shared: counted once
     assert plan.optimizer_states <= optimizer_state_bytes(opt)
     assert plan.paged_optimizer_states == 0  # CPU: nothing is paged
+
+
+def test_moe_experts_are_planned_as_4bit_weights_with_adapters(tmp_path):
+    from transformers import AutoConfig
+
+    from lightning_qlora.lora.experts import inject_expert_lora
+
+    config = AutoConfig.for_model(
+        "mixtral", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    lora = LoRAConfig(r=4)
+    model = load_causal_lm(tmp_path, QuantizationConfig(), init="random")
+    inject_lora(model, lora)
+    assert len(inject_expert_lora(model, lora)) == 4  # two layers, gate_up and down stacks
+    mark_only_lora_trainable(model)
+    footprint = measure_footprint(model)
+    plan = plan_memory(config, 1, 16, lora=lora, device_type="cpu")
+    assert footprint.matmul_share_4bit > 0.99  # only the routers (4x64 each) stay full precision
+    assert plan.quantized_params == footprint.quantized_params
+    assert plan.quantized_weights == footprint.quantized_bytes
+    assert plan.unquantized_weights == footprint.unquantized_bytes
+    assert (plan.adapter_params, plan.adapters) == (footprint.adapter_params, footprint.adapter_bytes)
+    assert plan.settings["unquantized"].split(", ")[:2] == ["embeddings", "head"]
+    assert "routers" in plan.settings["unquantized"]
 
 
 @pytest.mark.parametrize(

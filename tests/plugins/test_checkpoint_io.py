@@ -109,3 +109,22 @@ def test_resumable_checkpoint_keeps_last_and_links_it_atomically(tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 3
     assert not [p for p in (tmp_path / "ckpts").iterdir() if TEMP_MARK in p.name]
     assert ResumableCheckpoint().save_last is True and ResumableCheckpoint()._every_n_train_steps == 50
+
+
+def test_usable_as_a_trainer_plugin_and_installed_in_one_place():
+    import lightning as L
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from lightning_qlora import PagedOptimizerStrategy
+    from lightning_qlora.plugins.checkpoint_io import use_atomic_checkpoint_io
+
+    mine = AtomicCheckpointIO(stale_after_s=60.0)
+    trainer = L.Trainer(plugins=[mine], strategy=PagedOptimizerStrategy(), logger=False, enable_progress_bar=False)
+    assert trainer.strategy.checkpoint_io is mine
+    use_atomic_checkpoint_io(trainer)  # what LoRA.setup calls: a checkpoint IO the user chose is kept
+    assert trainer.strategy.checkpoint_io is mine
+
+    plain = L.Trainer(strategy=PagedOptimizerStrategy(), logger=False, enable_progress_bar=False)
+    assert type(plain.strategy.checkpoint_io) is TorchCheckpointIO  # strategies install nothing themselves
+    use_atomic_checkpoint_io(plain)
+    assert type(plain.strategy.checkpoint_io) is AtomicCheckpointIO

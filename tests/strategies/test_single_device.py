@@ -342,3 +342,16 @@ def test_resuming_restores_the_bitsandbytes_state_and_the_schedule(tmp_path):
     resumed_params = dict(resumed.lightning_module.named_parameters())
     for name, param in whole.lightning_module.named_parameters():
         assert torch.equal(param, resumed_params[name]), name
+
+
+def test_every_strategy_is_registered_under_its_short_name():
+    import lightning as L
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_qlora
+
+    for cls in (lightning_qlora.PagedOptimizerStrategy, lightning_qlora.PagedDDPStrategy,
+                lightning_qlora.QLoRAFSDPStrategy, lightning_qlora.QLoRAFSDP2Strategy):  # fmt: skip
+        assert StrategyRegistry[cls.strategy_name]["strategy"] is cls
+    trainer = L.Trainer(strategy="paged_optimizer", accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy, lightning_qlora.PagedOptimizerStrategy)

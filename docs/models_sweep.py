@@ -50,10 +50,26 @@ TINY = dict(
     # mixture of experts: few experts, every layer sparse when the config says which ones are
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
     shared_expert_intermediate_size=64, n_group=1, topk_group=1, first_k_dense_replace=1, decoder_sparse_step=1,
-    mlp_only_layers=[], num_heads=8,  # Mamba-2's SSM heads: 8 x head_dim 16 = 2 x hidden 64
+    mlp_only_layers=[],
+    encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,  # BART-like
+    encoder_attention_heads=4, decoder_attention_heads=4, rotary_dim=16,  # Whisper, PLBart; GPT-J, CodeGen
+    num_heads=8, is_decoder=True,  # Mamba-2 SSM heads (8 x head_dim 16 = 2 x hidden 64); BERT-like decoders
 )  # fmt: skip
-"""Keys of the tiny config (the first eight are the brief's; the rest shrink mixture-of-experts configs)."""
-MAX_PARAMS = 25_000_000
+"""Keys of the tiny config: sizes first, then what shrinks mixture-of-experts and Mamba-2 configs; ``is_decoder``
+for encoder classes used as causal LMs (BERT-like, Reformer)."""
+MAX_PARAMS = 40_000_000
+MAX_TRIES = 30
+"""Builds tried per type while looking for a key to drop whose error names none."""
+KEEP = ("vocab_size", "hidden_size", "num_hidden_layers", "is_decoder")
+"""Keys dropped only when an error names them (dropping them blindly makes a model large or not a decoder)."""
+
+
+def _blind_order(key: str) -> int:
+    """Which keys to try dropping first: the head sizes (most often inconsistent), then the extras, last first."""
+    first = ["head_dim", "num_key_value_heads"]
+    return first.index(key) if key in first else len(TINY) - list(TINY).index(key) + len(first)
+
+
 """A model over this many parameters did not take the tiny sizes (e.g. a vision tower at full size): skipped."""
 STAGES = ("config", "build", "load", "lora", "forward", "backward")
 START, END = "<!-- generated: sweep -->", "<!-- end generated -->"
@@ -81,7 +97,10 @@ def one_line(err: BaseException, limit: int = 240) -> str:
 def where(err: BaseException) -> dict:
     """The innermost frame of the traceback, and the innermost one inside lightning_qlora (if any)."""
     frames = traceback.extract_tb(err.__traceback__)
-    short = [f"{f.filename.split('site-packages/')[-1].split('/main/')[-1]}:{f.lineno} {f.name}" for f in frames]
+    paths = [
+        re.sub(r".*/(?=lightning_qlora/)", "", re.sub(r".*/(site|dist)-packages/", "", f.filename)) for f in frames
+    ]
+    short = [f"{path}:{f.lineno} {f.name}" for path, f in zip(paths, frames)]
     ours = [s for s in short if s.startswith("lightning_qlora/")]
     return {"frame": short[-1] if short else None, "lightning_qlora_frame": ours[-1] if ours else None}
 
@@ -111,6 +130,7 @@ def _with_retries(make, kwargs: dict) -> tuple[object, list[str]]:
     """
     kwargs = dict(kwargs)
     dropped: list[str] = []
+    tries = 0
     while True:
         try:
             return make(**kwargs), dropped
@@ -122,7 +142,10 @@ def _with_retries(make, kwargs: dict) -> tuple[object, list[str]]:
             dropped.append(named[-1])
             continue
         progressed = False
-        for key in list(kwargs)[::-1]:  # the MoE extras first, vocab_size last
+        for key in sorted((k for k in kwargs if k not in KEEP), key=_blind_order):
+            tries += 1
+            if tries > MAX_TRIES:
+                raise last
             try:
                 return make(**{k: v for k, v in kwargs.items() if k != key}), [*dropped, key]
             except StageError as err:
@@ -140,11 +163,11 @@ def _fix_token_ids(config) -> None:
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
         return
-    for key in list(vars(config)):
+    for key in [k for k in vars(config) if k.endswith("token_id")]:
         value = getattr(config, key, None)
-        if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
+        if isinstance(value, int) and value >= vocab:
             setattr(config, key, min(2, vocab - 1))
-        elif key.endswith("token_id") and isinstance(value, list) and any(v >= vocab for v in value):
+        elif isinstance(value, list) and any(v >= vocab for v in value):
             setattr(config, key, [min(2, vocab - 1)])
 
 
@@ -169,7 +192,8 @@ def _tiny_config(model_type: str, kwargs: dict) -> tuple[object, dict]:
         tiny_text = type(text)(**kwargs)
         if tiny_text.model_type in CAUSAL:
             config = tiny_text
-            notes["tested_as"] = tiny_text.model_type
+            if tiny_text.model_type != model_type:
+                notes["tested_as"] = tiny_text.model_type
         else:
             attr = next((n for n in getattr(config, "sub_configs", {}) if getattr(config, n, None) is text), None)
             if attr is None:
@@ -226,7 +250,8 @@ def matmul_share(model) -> tuple[float, list[str]]:
     """Share of matmul weights held in 4 bits, and the names of the others.
 
     Matmul weights: parameters with at least two dimensions over 1 (so not RWKV's ``(1, 1, hidden)`` mixing
-    vectors), but embeddings, the output head and biases. A 4-bit weight counts its logical size.
+    vectors), but embeddings, convolutions (Mamba's depthwise ``conv1d``), the output head and biases. A 4-bit weight
+    counts its logical size.
     """
     import bitsandbytes as bnb
     import torch
@@ -234,6 +259,7 @@ def matmul_share(model) -> tuple[float, list[str]]:
     head = _output_head(model)
     skip = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
     skip |= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    skip |= {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd) for p in m.parameters()}
     four = full = 0
     left = []
     for name, p in model.named_parameters():
@@ -256,12 +282,16 @@ def forward_backward(model, vocab: int, stage: dict) -> float:
 
     ids = torch.randint(3, max(4, min(vocab, 512)), (2, 16), generator=torch.Generator().manual_seed(0))
     stage["name"] = "forward"
-    try:
-        out = model(input_ids=ids, labels=ids)
-    except TypeError as err:
-        if "labels" not in str(err):
-            raise
-        out = model(input_ids=ids)
+    kwargs = {"labels": ids, "use_cache": False}  # training: no KV cache
+    while True:
+        try:
+            out = model(input_ids=ids, **kwargs)
+            break
+        except TypeError as err:  # a forward without that argument
+            unknown = [k for k in kwargs if k in str(err)]
+            if not unknown:
+                raise
+            kwargs.pop(unknown[0])
     loss = getattr(out, "loss", None)
     if loss is None:
         logits = out.logits if hasattr(out, "logits") else out[0]
@@ -314,9 +344,13 @@ def try_type(model_type: str, root: Path, timeout: int) -> dict:
         result["model_class"] = type(model).__name__
         result["parameters"] = params
         if params > MAX_PARAMS:
+            why = (
+                f"the config rejected {', '.join(notes['dropped_keys'])}"
+                if notes["dropped_keys"]
+                else ("a sub-model keeps its full size")
+            )
             result.update(status="skipped", stage="build",
-                          reason=f"not tiny: {params / 1e6:.0f}M parameters with the tiny keys (a sub-model keeps "
-                                 "its full size)")  # fmt: skip
+                          reason=f"not tiny: {params / 1e6:.0f}M parameters ({why})")  # fmt: skip
             return result
         model.save_pretrained(directory)
         del model
@@ -366,8 +400,10 @@ def worker(jsonl: Path, types: list[str], timeout: int) -> None:
     import shutil
     import warnings
 
+    import torch
     import transformers
 
+    torch.set_num_threads(1)  # one core per worker process
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     import logging
@@ -422,13 +458,14 @@ def versions() -> dict:
             "bitsandbytes": bitsandbytes.__version__, "machine": machine}  # fmt: skip
 
 
-def sweep(types: list[str], out: Path, workers: int, timeout: int, max_minutes: float) -> dict:
-    """Run ``types`` in ``workers`` processes; the merged results are rewritten to ``out`` as they arrive."""
+def sweep(types: list[str], out: Path, workers: int, timeout: int, max_minutes: float, done: dict) -> dict:
+    """Run ``types`` in ``workers`` processes; the merged results (with ``done``) are rewritten to ``out``."""
     scratch = Path(tempfile.mkdtemp(prefix="sweep-logs-"))
     lists = [types[i::workers] for i in range(workers)]
-    results: dict = {}
+    results: dict = {k: v for k, v in done.items() if not k.startswith("_")}
     began = time.time()
-    meta = {"types": len(types), "workers": workers, "timeout_s": timeout, **versions()}
+    before = done.get("_meta", {}).get("seconds", 0)
+    meta = {"types": len(types) + len(results), "workers": workers, "timeout_s": timeout, **versions()}
     slots = []
     for i, todo in enumerate(lists):
         slots.append({"todo": list(todo), "proc": None, "log": None, "restarts": 0, "i": i})
@@ -440,7 +477,7 @@ def sweep(types: list[str], out: Path, workers: int, timeout: int, max_minutes: 
         slot["proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slot["stderr"], start_new_session=True)
 
     def save():
-        meta["seconds"] = round(time.time() - began)
+        meta["seconds"] = before + round(time.time() - began)
         out.write_text(json.dumps({"_meta": meta, **dict(sorted(results.items()))}, indent=1))
 
     for slot in slots:
@@ -503,7 +540,16 @@ def sweep(types: list[str], out: Path, workers: int, timeout: int, max_minutes: 
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    text = re.sub(r"/\S*/sweep-[^/\s]+/[^:\s]+: ", "", str(text))  # the temporary checkpoint folder
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _is_router_weight(name: str) -> bool:
+    """Whether a parameter name is a router's weight (by the library's router names)."""
+    from lightning_qlora.quantization.shells import ROUTER_NAMES
+
+    parts = name.split(".")
+    return len(parts) > 1 and (parts[-2] in ROUTER_NAMES or "router" in parts[:-1])
 
 
 def _share(value: float | None) -> str:
@@ -512,16 +558,27 @@ def _share(value: float | None) -> str:
     return "100 %" if value >= 0.99995 else f"{100 * value:.1f} %"
 
 
+def ours(result: dict) -> bool:
+    """Whether a failure is with this library: after the model ran in plain transformers, and it still does."""
+    return result.get("stage") in ("load", "lora", "forward", "backward") and result.get("plain_transformers") in (
+        "ok",
+        None,
+    )
+
+
 def markdown(data: dict, command: str) -> str:
     """The generated section: counts, the working types, tables of the failing and skipped ones, the footer."""
     meta = data.get("_meta", {})
     results = {k: v for k, v in data.items() if not k.startswith("_")}
     by = {s: sorted(t for t, r in results.items() if r.get("status") == s) for s in ("ok", "failed", "skipped")}
+    with_us = [t for t in by["failed"] if ours(results[t])]
+    alone = [t for t in by["failed"] if not ours(results[t])]
     not_run = sorted(t for t, r in results.items() if r.get("status") == "not run")
     lines = [
         f"Of the {len(results)} model types in transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`: **{len(by['ok'])} "
-        f"work**, **{len(by['failed'])} fail**, **{len(by['skipped'])} skipped** (no tiny model could be built "
-        f"generically){f', {len(not_run)} not run' if not_run else ''}.",
+        f"work**, **{len(by['failed'])} fail** ({len(with_us)} with lightning_qlora while plain transformers runs "
+        f"them, {len(alone)} in transformers alone with the tiny sizes), **{len(by['skipped'])} skipped** (no tiny "
+        f"config or model){f', {len(not_run)} not run' if not_run else ''}.",
         "",
         "**Working** (share of matmul weights in 4 bits; *E*: expert stacks quantized and adapted; *as X*: tested "
         "through its text model):",
@@ -534,11 +591,14 @@ def markdown(data: dict, command: str) -> str:
         note += ["E"] if r.get("adapted_expert_stacks") else []
         items.append(f"`{t}` {_share(r.get('share_4bit'))}" + (f" ({', '.join(note)})" if note else ""))
     lines += [", ".join(items) + ".", ""]
-    caveats = []
+    caveats, routers_only = [], []
     for t in by["ok"]:
         r, said = results[t], []
-        if (r.get("share_4bit") or 0) < 0.99995:
-            said.append("full precision: " + ", ".join(f"`{n}`" for n in r.get("full_precision", [])))
+        left = [n for n in r.get("full_precision", []) if not _is_router_weight(n)]
+        if left:
+            said.append("full precision: " + ", ".join(f"`{n}`" for n in left))
+        elif r.get("full_precision"):
+            routers_only.append(t)
         if r.get("head_in_4bit") or r.get("head_adapted"):
             kinds = " and ".join(
                 k for k, v in (("quantized", r.get("head_in_4bit")), ("adapted", r.get("head_adapted"))) if v
@@ -546,24 +606,37 @@ def markdown(data: dict, command: str) -> str:
             said.append(f"the output head `{r.get('head')}` is {kinds}")
         if said:
             caveats.append(f"- `{t}`: " + "; ".join(said))
+    if routers_only:
+        lines += [f"In {len(routers_only)} of the working types the routers are the only matrices left in full "
+                  "precision (by design).", ""]  # fmt: skip
     if caveats:
-        lines += ["Working types with matmul weights left in full precision (routers stay so by design), or whose "
-                  "output head is quantized or adapted:", "", *caveats, ""]  # fmt: skip
-    if by["failed"]:
-        lines += ["**Failing** (stages: *build* is transformers alone building and running the tiny model; *load*, "
-                  "*lora*, *forward*, *backward* are with the 4-bit base and adapters, and the last column runs the "
-                  "same checkpoint in plain transformers):", "",
-                  "| model type | stage | first line of the error | plain transformers |",
+        lines += ["Working types with other matrices left in full precision (the share counts every parameter with "
+                  "two dimensions over 1, so also matrices that are not matmul weights, such as Mamba's `A_log`), "
+                  "or whose output head is quantized or adapted:", "", *caveats, ""]  # fmt: skip
+    if with_us:
+        lines += ["**Failing with lightning_qlora** (plain transformers trains the same checkpoint; stage *load*: "
+                  "`load_causal_lm`, *lora*: injecting adapters, *forward*/*backward*: one training step):", "",
+                  "| model type | stage | first line of the error | where in lightning_qlora |",
                   "|---|---|---|---|"]  # fmt: skip
-        for t in by["failed"]:
+        for t in with_us:
             r = results[t]
             name = f"`{t}`" + (f" (as `{r['tested_as']}`)" if r.get("tested_as") else "")
-            plain = r.get("plain_transformers", "-" if r.get("stage") in ("build", "crash") else "")
-            plain = "ok" if plain == "ok" else (f"fails too: {plain}" if plain not in ("", "-") else plain or "-")
-            lines.append(f"| {name} | {r.get('stage')} | {_cell(r.get('reason', ''))} | {_cell(plain)} |")
+            frame = f"`{r['lightning_qlora_frame']}`" if r.get("lightning_qlora_frame") else "-"
+            lines.append(f"| {name} | {r.get('stage')} | {_cell(r.get('reason', ''))} | {frame} |")
+        lines += [""]
+    if alone:
+        lines += ["**Failing in transformers alone** with the tiny sizes (*config*/*build*: building the tiny config "
+                  "or model, or one plain forward + backward; other stages: the saved checkpoint fails in plain "
+                  "transformers too), so not a verdict on lightning_qlora:", "",
+                  "| model type | stage | first line of the error |", "|---|---|---|"]  # fmt: skip
+        for t in alone:
+            r = results[t]
+            name = f"`{t}`" + (f" (as `{r['tested_as']}`)" if r.get("tested_as") else "")
+            lines.append(f"| {name} | {r.get('stage')} | {_cell(r.get('reason', ''))} |")
         lines += [""]
     if by["skipped"]:
-        lines += ["**Skipped** (no tiny config):", "", "| model type | why |", "|---|---|"]
+        lines += ["**Skipped** (no tiny config, or a model that stays large with the tiny keys):", "",
+                  "| model type | why |", "|---|---|"]  # fmt: skip
         lines += [f"| `{t}` | {_cell(results[t].get('reason', ''))} |" for t in by["skipped"]]
         lines += [""]
     if not_run:
@@ -599,6 +672,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=120, help="seconds per model type")
     parser.add_argument("--max-minutes", type=float, default=25.0, help="stop the sweep after this long")
     parser.add_argument("--render", type=Path, help="only rewrite --markdown from this results JSON")
+    parser.add_argument("--resume", action="store_true", help="keep the results already in --out, run the others")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -610,7 +684,10 @@ def main() -> None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-        sweep(types, args.out, args.workers, args.timeout, args.max_minutes)
+        done = {}
+        if args.resume and args.out.is_file():
+            done = {k: v for k, v in json.loads(args.out.read_text()).items() if v.get("status") != "not run"}
+        sweep([t for t in types if t not in done], args.out, args.workers, args.timeout, args.max_minutes, done)
         data = json.loads(args.out.read_text())
         print(f"results: {args.out}")
     if args.markdown:

@@ -7,6 +7,7 @@ from lightning_qlora.callbacks import (
     OutOfMemoryAdvice,
     QLoRAProgressBar,
     ResumableCheckpoint,
+    RunLock,
     RunSummary,
 )
 from lightning_qlora.data import InstructionDataModule
@@ -47,6 +48,7 @@ __all__ = [
     "QLoRAFSDPStrategy",
     "QuantizationConfig",
     "ResumableCheckpoint",
+    "RunLock",
     "RunSummary",
     "compile_blocks",
     "measure_footprint",

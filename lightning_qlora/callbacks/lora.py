@@ -15,12 +15,19 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.callbacks.base_check import CHECKPOINT_KEY, BaseCheck
+from lightning_qlora.callbacks.run_lock import (
+    count_optimizer_steps,
+    existing_adapter,
+    keep_existing_output,
+    optimizer_steps_this_fit,
+)
 from lightning_qlora.lora.experts import inject_expert_lora
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
 from lightning_qlora.models.compilation import compile_blocks, graph_break_counts, graph_break_report
 from lightning_qlora.plugins.checkpoint_io import use_atomic_checkpoint_io
+from lightning_qlora.utils.atomic import DiskFullError, is_disk_full
 from lightning_qlora.utils.finite import check_finite_tensors
 from lightning_qlora.utils.modules import model_root, trainable_names
 
@@ -113,6 +120,8 @@ class LoRA(Callback):
         if self.compile_blocks:
             refuse_sharded_compile(trainer)
         use_atomic_checkpoint_io(trainer)
+        if stage == "fit":
+            count_optimizer_steps(trainer)  # at fit end: an untrained export must not replace a trained adapter
         self.base_check.attach(pl_module)
         when_built(pl_module, self.apply)
 
@@ -172,17 +181,36 @@ class LoRA(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Export the PEFT adapter to ``export_dir``, unless this fit trained no optimizer step and one is there.
+
+        An existing adapter is kept (one warning line) after a fit of 0 steps (``max_steps=0``, a finished run
+        resumed), unless ``overwrite`` is set on this callback (``lightning-qlora fit --overwrite true`` sets it).
+
+        Raises:
+            DiskFullError: if the device fills up; names ``export_dir`` and about the bytes the adapter needs (the
+                adapter already there is kept).
+        """
+        steps = optimizer_steps_this_fit(trainer, stop=True)
         if self.export_dir:
-            full = getattr(trainer.strategy, "full_module_context", None)  # sharded strategies gather the adapters
-            with full() if full is not None else contextlib.nullcontext():
-                self._export(pl_module)
+            overwrite = bool(getattr(self, "overwrite", False))
+            target = existing_adapter(self.export_dir)
+            if target is None or not keep_existing_output(trainer, target, "LoRA adapter", overwrite, steps):
+                full = getattr(trainer.strategy, "full_module_context", None)  # sharded strategies gather adapters
+                with full() if full is not None else contextlib.nullcontext():
+                    self._export(pl_module)
         trainer.strategy.barrier("lora_export")
 
     @rank_zero_only
     def _export(self, pl_module: pl.LightningModule) -> None:
         root = model_root(pl_module)
         name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
-        path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name)
+        try:
+            path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name)
+        except Exception as err:  # safetensors wraps ENOSPC in its own error
+            if not is_disk_full(err):
+                raise
+            needed = sum(p.numel() * p.element_size() for p in root.parameters() if p.requires_grad)
+            raise DiskFullError(Path(self.export_dir), needed) from err
         rank_zero_info(f"LoRA: PEFT adapter written to {path}")
 
 

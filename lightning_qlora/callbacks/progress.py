@@ -139,7 +139,9 @@ class QLoRAProgressBar(TQDMProgressBar):
 def use_qlora_progress_bar(trainer: pl.Trainer) -> QLoRAProgressBar | None:
     """Put a :class:`QLoRAProgressBar` in place of the stock Lightning bar among ``trainer.callbacks``.
 
-    A bar of a subclass (someone's own) stays, and so does no bar at all (``enable_progress_bar=False``). Call it
+    A stock ``TQDMProgressBar`` or ``RichProgressBar`` is replaced even when configured explicitly (use
+    ``RunSummary(progress_bar=False)`` to keep it); a bar of a subclass (someone's own) stays, and so does no bar at
+    all (``enable_progress_bar=False``). Call it
     before the Trainer's ``setup`` hooks have reached the bar (e.g. from another callback's ``setup``, which comes
     first among the callbacks as the Trainer orders them); a bar swapped in later is set up here.
 

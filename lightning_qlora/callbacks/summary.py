@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_qlora.callbacks.lora import LoRA
 from lightning_qlora.callbacks.progress import QuietLightningInternals, count_tokens, use_qlora_progress_bar
+from lightning_qlora.callbacks.run_lock import keep_existing_output, optimizer_steps_this_fit
 from lightning_qlora.memory.footprint import measure_footprint
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
 from lightning_qlora.plugins.precision import NF4Precision
@@ -112,13 +113,27 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print the table and write ``summary.json``, unless this fit trained no step and the file is there.
+
+        An existing ``summary.json`` is kept (one warning line) after a fit of 0 optimizer steps, unless
+        ``overwrite`` is set on this callback (``lightning-qlora fit --overwrite true`` sets it).
+        """
         self.rows = self.collect(trainer, pl_module)
         self._print()
-        self._write(Path(trainer.default_root_dir) / "summary.json", getattr(pl_module, "val_history", []))
+        path = Path(trainer.default_root_dir) / "summary.json"
+        steps = optimizer_steps_this_fit(trainer)
+        if steps is None:  # no LoRA callback counted: did a training batch run in this fit?
+            steps = int(self.seconds > 0)
+        if not keep_existing_output(trainer, path, "run summary", bool(getattr(self, "overwrite", False)), steps):
+            self._write(path, getattr(pl_module, "val_history", []))
 
     @rank_zero_only
     def _write(self, path: Path, history: list) -> None:
-        """Write the table and the held-out loss history as JSON (temp file + fsync + rename)."""
+        """Write the table and the held-out loss history as JSON (temp file + fsync + rename).
+
+        Raises:
+            DiskFullError: if the device is full (the previous ``summary.json`` is kept).
+        """
         payload = {"rows": self.rows, "val_history": [{"step": s, "val_loss": v} for s, v in history]}
         atomic_write_text(path, json.dumps(payload, indent=2))
 

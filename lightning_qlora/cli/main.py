@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lightning_qlora.utils.atomic import DiskFullError, is_disk_full
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.finite import NonFiniteError
 from lightning_qlora.utils.modules import model_root
@@ -163,6 +165,35 @@ class QLoRACLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``--overwrite``: let a run that trains no step replace an existing adapter and ``summary.json``."""
+        help_ = "fit: replace the adapter in LoRA's export_dir and summary.json even when this run trains no step"
+        parser.add_argument("--overwrite", type=bool, default=False, help=help_)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """For ``fit``: :func:`check_fit_outputs` on the parsed config, before anything is built or loaded."""
+        if self.subcommand == "fit":
+            lock = check_fit_outputs(self.config["fit"])
+            if lock is not None:
+                _CLI_LOCKS.append(lock)
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; ``fit --overwrite true`` lets ``LoRA`` and ``RunSummary`` replace their outputs."""
+        if subcommand == "fit" and self.config["fit"].get("overwrite"):
+            from lightning_qlora.callbacks.lora import LoRA
+            from lightning_qlora.callbacks.summary import RunSummary
+
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, (LoRA, RunSummary)):
+                    callback.overwrite = True  # type: ignore[attr-defined]
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            _release_cli_locks()
+
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The configured Trainer plus the run guards the config leaves out (see :func:`default_guards`)."""
         trainer = super().instantiate_trainer(**kwargs)
@@ -189,11 +220,84 @@ def default_guards(callbacks: list[Callback]) -> list[Callback]:
     ]
 
 
+_CLI_LOCKS: list[Any] = []  # run locks taken by `fit` in this process; main() releases them when the run ends
+
+
+def check_fit_outputs(config: Any) -> Any:
+    """Check a ``fit``'s outputs from its parsed config before anything is built, loaded or written.
+
+    In order: ``refuse_untrained_export`` (reads only); then, on rank 0 of a run, the ``RunDirLock`` of
+    ``default_root_dir`` is taken, and that folder, each callback's ``dirpath`` (checkpoints) and ``export_dir``
+    (LoRA) must be creatable and writable (all in :mod:`lightning_qlora.callbacks.run_lock`).
+
+    Args:
+        config: the ``fit`` subcommand's config (``trainer``, ``ckpt_path``, ``overwrite``).
+
+    Returns:
+        The lock taken (release it when the run ends), or ``None`` (another rank, a remote folder).
+
+    Raises:
+        ValueError: a run that trains no step would replace an adapter (see ``refuse_untrained_export``).
+        RunDirLockedError: another live run holds ``default_root_dir``.
+        OutputNotWritableError: an output folder cannot be created or written.
+    """
+    from lightning_qlora.callbacks.run_lock import RunDirLock, check_export_dir, check_writable, refuse_untrained_export
+
+    trainer = _get(config, "trainer") or {}
+    callbacks = _get(trainer, "callbacks") or []
+    inits = [_get(c, "init_args") or {} for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
+    exports = [Path(str(e)) for e in (_get(i, "export_dir") for i in inits) if e and _is_local(e)]
+    ckpt_dirs = [Path(str(d)) for d in (_get(i, "dirpath") for i in inits) if d and _is_local(d)]
+    if not _get(config, "overwrite"):
+        max_steps = _get(trainer, "max_steps")
+        refuse_untrained_export(-1 if max_steps is None else max_steps, _get(config, "ckpt_path"), exports, ckpt_dirs)
+    root = _get(trainer, "default_root_dir") or os.getcwd()
+    if not _is_local(root) or not _is_rank_zero():
+        return None
+    lock = RunDirLock(root).acquire()
+    try:
+        check_writable(root, "default_root_dir")
+        for folder in ckpt_dirs:
+            check_writable(folder, "checkpoint dirpath")
+        for export in exports:
+            check_export_dir(export)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _release_cli_locks() -> None:
+    while _CLI_LOCKS:
+        _CLI_LOCKS.pop().release()
+
+
+def _get(namespace: Any, key: str) -> Any:
+    return namespace.get(key) if hasattr(namespace, "get") else getattr(namespace, key, None)
+
+
+def _is_rank_zero() -> bool:
+    """Not a process a launcher started for another rank (Lightning's DDP launcher, torchrun, SLURM, MPI)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _is_local(path: Any) -> bool:
+    return "://" not in str(path)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point. Bad input ends with one ``lightning-qlora: error: ...`` line and exit code 2.
 
-    A run that fails (non-finite loss, out of memory with :class:`~lightning_qlora.OutOfMemoryAdvice`) ends with one
-    line and exit code 1. Set ``LIGHTNING_QLORA_DEBUG=1`` to get the full traceback instead.
+    So do refused ``fit`` runs (see :func:`check_fit_outputs`): another live run in ``default_root_dir``, an output
+    folder that is not writable, a run that trains no step over an existing adapter. A run that fails (non-finite
+    loss, out of memory with :class:`~lightning_qlora.OutOfMemoryAdvice`, a full disk) ends with one line and exit
+    code 1. Set ``LIGHTNING_QLORA_DEBUG=1`` to get the full traceback instead.
+
+    Args:
+        args: the command line (default ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: 2 for bad input, 1 for a failed run.
     """
     try:
         argv = list(sys.argv[1:] if args is None else args)
@@ -202,17 +306,20 @@ def main(args: list[str] | None = None) -> None:
 
             return memory_command(argv[1:])
         _check_config_files(argv)
-        QLoRACLI(
-            model_class=pl.LightningModule,
-            datamodule_class=None,  # optional: `evaluate` needs no data
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_class=QLoRATrainer,
-            parser_class=OneLineErrorParser,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
+        try:
+            QLoRACLI(
+                model_class=pl.LightningModule,
+                datamodule_class=None,  # optional: `evaluate` needs no data
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                trainer_class=QLoRATrainer,
+                parser_class=OneLineErrorParser,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                args=args,
+            )
+        finally:
+            _release_cli_locks()  # also when the run was refused or failed before it started
     except ONE_LINE_ERRORS as err:
         if os.environ.get("LIGHTNING_QLORA_DEBUG"):
             raise
@@ -223,6 +330,13 @@ def main(args: list[str] | None = None) -> None:
             raise
         advice = getattr(err, "lightning_qlora_advice", None)
         print(f"lightning-qlora: error: {advice or _first_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as err:  # a full disk while writing: the files already there are kept; exit 1
+        if os.environ.get("LIGHTNING_QLORA_DEBUG") or not is_disk_full(err):
+            raise
+        if not isinstance(err, DiskFullError):
+            err = DiskFullError(err.filename or "a file", None)
+        print(f"lightning-qlora: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
+from lightning_qlora.memory.parameters import quantized_stacks, unquantized_kinds
 from lightning_qlora.memory.storage_bytes import code_table_bytes, optimizer_bytes, quantized_bytes
-from lightning_qlora.quantization.experts import expert_stacks, stack_names
-from lightning_qlora.quantization.nf4 import QuantizationConfig, is_skipped
-from lightning_qlora.quantization.shells import is_router, linear_shape, shell_candidates
+from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.quantization.shells import linear_shape, shell_candidates
 from lightning_qlora.utils.dtypes import DTypeLike, dtype_name, to_dtype
 from lightning_qlora.utils.formatting import GIB, MIB, format_bytes
 
@@ -268,7 +268,7 @@ def plan_memory(
     q_params = q_bytes = largest = 0
     quantized: set[int] = set()
     linears = dict(shell_candidates(net, quantization)) if quantization else {}
-    stacks = _expert_stacks(net, quantization)
+    stacks = quantized_stacks(net, quantization)
     for module in linears.values():
         n = module.weight.numel()
         q_params, q_bytes, largest = q_params + n, q_bytes + quantized_bytes(n, quantization), max(largest, n)
@@ -285,7 +285,7 @@ def plan_memory(
     shapes = [(t, *linear_shape(net.get_submodule(t))) for t in targets]
     a_item = to_dtype(lora.dtype).itemsize
     numels = [n for _, i, o in shapes for n in (lora.r * i, lora.r * o)]
-    numels += [lora.r * p.shape[0] * (p.shape[1] + p.shape[2]) for p in _expert_stacks(net, QuantizationConfig())]
+    numels += [lora.r * p.shape[0] * (p.shape[1] + p.shape[2]) for p in quantized_stacks(net, QuantizationConfig())]
     a_params = sum(numels)
     a_bytes = a_params * a_item
     opt_bytes, paged = optimizer_bytes(numels, optimizer, to_dtype(lora.dtype))
@@ -378,7 +378,7 @@ def plan_memory(
         "tokens": tokens, "vocab_size": vocab, "layers": layers, "r": lora.r, "lora_layers": len(targets),
         "adapter_dtype": lora.dtype, "optimizer": optimizer, "gradient_checkpointing": gradient_checkpointing,
         "dtype": dtype_name(dtype), "devices": devices, "sharding": sharding,
-        "unquantized": _unquantized_kinds(net, quantized),
+        "unquantized": unquantized_kinds(net, quantized),
         "quant": "none" if not quantization else
         f"{quantization.quant_type}{' + DQ' if quantization.double_quant else ''}, blocks of {quantization.blocksize}",
         "phases": step_phases, "arguments": arguments,
@@ -401,42 +401,3 @@ def plan_memory(
         settings=settings,
     )
 
-
-def _expert_stacks(net: nn.Module, quantization: QuantizationConfig | None) -> list[torch.Tensor]:
-    """The 3-D expert stacks the loader quantizes (none without quantization or where experts cannot be 4-bit)."""
-    if quantization is None:
-        return []
-    try:
-        found = expert_stacks(net)
-    except ValueError:  # experts outside transformers' experts interface stay full precision
-        return []
-    return [
-        getattr(module, stack)
-        for name, module in found
-        if not is_skipped(name, quantization.skip_modules)
-        for stack in stack_names(module)
-    ]
-
-
-def _unquantized_kinds(net: nn.Module, quantized: set[int]) -> str:
-    """What the full-precision parameters are, largest kind first (``embeddings, head, norms``)."""
-    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
-    kinds: dict[str, int] = {}
-    for module_name, module in net.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in quantized:
-                continue
-            if isinstance(module, nn.Embedding):
-                kind = "embeddings"
-            elif module is head:
-                kind = "head"
-            elif name.endswith("bias"):
-                kind = "biases"
-            elif "norm" in f"{module_name}.{name}".lower():
-                kind = "norms"
-            elif is_router(module_name, module):
-                kind = "routers"
-            else:
-                kind = "other (full-precision matmuls)" if param.dim() >= 2 else "other"
-            kinds[kind] = kinds.get(kind, 0) + param.numel()
-    return ", ".join(sorted(kinds, key=lambda k: -kinds[k])) or "none"

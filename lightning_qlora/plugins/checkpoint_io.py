@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import pickle
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
-from lightning_qlora.utils.atomic import TEMP_MARK, atomic_write_bytes
+from lightning_qlora.utils.atomic import TEMP_MARK, DiskFullError, atomic_write_bytes, is_disk_full
 from lightning_qlora.utils.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         Raises:
             TypeError: if ``storage_options`` is given (not supported by this plugin).
+            DiskFullError: if the device is full (names ``path`` and the checkpoint's size); the previous file at
+                ``path`` is kept and no temp file is left.
         """
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO.save_checkpoint got storage_options={storage_options!r}; drop them")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path.parent, self.stale_after_s)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a failure here touches no file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(path, buffer.getbuffer().nbytes) from err
+            raise
+        remove_stale_temp_files(path.parent, self.stale_after_s)
         atomic_write_bytes(path, buffer.getbuffer())  # temp names never end in .ckpt: `last` skips them
 
     @override
@@ -138,6 +146,34 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
             f"checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict"
         )
     return checkpoint
+
+
+def checkpoint_global_step(path: _PATH) -> int | None:
+    """The ``global_step`` a checkpoint file was saved at, read without loading its tensors (``mmap``).
+
+    Args:
+        path: a Lightning checkpoint file.
+
+    Returns:
+        The step, or ``None`` when ``path`` is not a readable checkpoint file holding one (a sharded folder, a
+        damaged file): callers then cannot tell and should not refuse anything on its account.
+    """
+    try:
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one), damaged, a folder: unknown
+        return None
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def find_last_checkpoint(folders: list[Path]) -> str | None:
+    """The newest ``last.ckpt`` (or ``last-v<n>.ckpt``) in ``folders``, as ``ckpt_path="last"`` would resume.
+
+    Args:
+        folders: checkpoint folders (``ModelCheckpoint.dirpath``).
+    """
+    found = [p for f in folders for p in Path(f).glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?", p.stem)]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def _unsafe_global(message: str) -> str:

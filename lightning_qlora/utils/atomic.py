@@ -1,15 +1,68 @@
-"""Writes that never leave a half-written file or folder behind: temp + fsync + rename."""
+"""Writes that never leave a half-written file or folder behind: temp + fsync + rename; full and unwritable disks."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from lightning_qlora.utils.formatting import format_bytes
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+"""``errno`` values of a write that ran out of room: the device is full, or the user's disk quota is."""
+
+
+class DiskFullError(OSError):
+    """A write that ran out of space: one line naming the file (or folder), the bytes it needed and those free.
+
+    Args:
+        path: what was being written.
+        needed: bytes the write needed, when known.
+    """
+
+    def __init__(self, path: str | os.PathLike, needed: int | None = None) -> None:
+        self.path = Path(path)
+        self.needed = needed
+        free = _free_bytes(self.path)
+        sizes = f"; it needs {needed:,} bytes ({format_bytes(needed)})" if needed is not None else ""
+        sizes += f", {free:,} bytes free there" if free is not None else ""
+        message = f"no space left on the device to write {self.path}{sizes}; free some space or choose another folder"
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the device or the disk quota is full.
+
+    Also for libraries that wrap the ``OSError`` in their own exception (safetensors: ``... (os error 28)``).
+    """
+    seen: list[BaseException] = []
+    link: BaseException | None = err
+    while link is not None and not any(link is s for s in seen) and len(seen) < 8:
+        if isinstance(link, OSError) and link.errno is not None:
+            if link.errno in NO_SPACE_ERRNOS:
+                return True
+        elif any(f"(os error {n})" in str(link) for n in NO_SPACE_ERRNOS) or "No space left on device" in str(link):
+            return True
+        seen.append(link)
+        link = link.__cause__ or link.__context__
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if folder.is_dir():
+                return shutil.disk_usage(folder).free
+    return None
 
 
 def fsync_path(path: Path, directory: bool = False) -> None:
@@ -120,10 +173,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Pat
 
     A crash leaves either the old file or the new one, never a mix; on error the temp file is removed. The file
     gets the usual permissions (``0666`` minus the umask), not the temp file's ``0600``.
+
+    Args:
+        path: the file to create or replace.
+        data: its new content.
+
+    Raises:
+        DiskFullError: if the device (or the disk quota) is full; ``path`` keeps its old content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-")
+    except OSError as err:
+        if is_disk_full(err):
+            raise DiskFullError(path, len(data)) from err
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
@@ -131,8 +196,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Pat
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise DiskFullError(path, len(data)) from err
         raise
     fsync_path(path.parent, directory=True)  # make the rename itself durable
     return path
@@ -147,3 +214,41 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class OutputNotWritableError(ValueError):
+    """An output folder cannot be created or written."""
+
+
+def check_writable(folder: str | os.PathLike, what: str, probe: bool = True) -> Path:
+    """Create ``folder`` (with its parents) and, with ``probe``, write and remove a temp file in it.
+
+    Args:
+        folder: the output folder.
+        what: its name in the error (``"default_root_dir"``, ``"LoRA export_dir"``).
+        probe: also write a temp file into it.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputNotWritableError: naming ``folder``, if it is a file, or cannot be created or written.
+    """
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputNotWritableError(f"{what} {path} exists and is not a directory; pass a folder path to write into")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if probe:
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=".lightning_qlora-probe-")
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as err:
+        raise OutputNotWritableError(not_writable_message(path, what, err)) from None
+    return path
+
+
+def not_writable_message(path: Path, what: str, err: OSError) -> str:
+    """``<what> <path> is not writable (<reason>); ...``: the one line for an output folder that refused a write."""
+    reason = err.strerror or type(err).__name__
+    return f"{what} {path} is not writable ({reason}); fix its permissions or choose another folder"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -41,18 +40,3 @@ def require_decoder_blocks(root: nn.Module, purpose: str) -> nn.ModuleList:
 def trainable_names(module: nn.Module) -> set[str]:
     """Unwrapped names of the parameters that require grad (adapters and any module kept trainable)."""
     return {unwrapped_name(name) for name, p in module.named_parameters() if p.requires_grad}
-
-
-def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
-    """Number of parameters (only trainable ones with ``trainable=True``, only frozen ones with ``False``)."""
-    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
-
-
-def same_storage_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Names grouped by the storage their tensors share (tied weights land in one group), in ``state``'s order."""
-    groups: dict[tuple, list[str]] = {}
-    for name, tensor in state.items():
-        empty = tensor.untyped_storage().nbytes() == 0  # all empty storages share data_ptr 0
-        key = (tensor.device, name) if empty else (tensor.device, tensor.untyped_storage().data_ptr())
-        groups.setdefault(key, []).append(name)
-    return list(groups.values())

@@ -2,7 +2,9 @@
 
 A good run first leaves an adapter, a checkpoint and a summary behind; every malformed config, data file, model
 folder, adapter or checkpoint below must fail with one ``lightning-qlora: error: ...`` line (no traceback) that
-names what was wrong, and leave those files byte-for-byte as they were.
+names what was wrong, and leave those files byte-for-byte as they were. So must a run that would replace the
+adapter with an untrained one, a second run into a folder a live run holds, a read-only output folder (exit 2), and
+a disk that fills up while saving (exit 1; the earlier file on it is kept). Cases needing a tmpfs skip without one.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +63,50 @@ def work(tmp_path_factory, tiny_llama_dir) -> Path:
 def protected(work: Path) -> dict[str, str]:
     files = [*sorted((work / "adapter").iterdir()), work / "ckpts" / "last.ckpt", work / "run" / "summary.json"]
     files += [work / "model" / "model.safetensors", work / "rows.jsonl"]
+    files += sorted(p for p in (work / "mnt").rglob("*") if p.is_file())  # earlier files on a case's tmpfs
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+MOUNTS: list[Path] = []
+HOLDERS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _unmount_and_stop():
+    """Unmount a case's tmpfs and stop its lock-holding process after the case."""
+    yield
+    while HOLDERS:
+        proc = HOLDERS.pop()
+        proc.kill()
+        proc.wait(timeout=30)
+    while MOUNTS:
+        subprocess.run(["umount", str(MOUNTS.pop())], check=False)
+
+
+def tmpfs(w: Path, name: str, size: str = "1M", read_only: bool = False, holding: tuple[Path, ...] = ()) -> Path:
+    """Mount a tmpfs of ``size`` at mnt/<name> (holding copies of ``holding``), read-only if asked; skips if refused."""
+    folder = w / "mnt" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip() or 'needs root'})")
+    MOUNTS.append(folder)
+    for path in holding:
+        shutil.copytree(path, folder / path.name) if path.is_dir() else shutil.copy2(path, folder / path.name)
+    if read_only and subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot remount the tmpfs read-only")
+    return folder
+
+
+def elsewhere(w: Path, name: str) -> Callable[[dict], None]:
+    """A recipe edit sending checkpoints, adapter and root to cases/<name>-*: a run that trains overwrites nothing."""
+
+    def edit(c):
+        callback(c, "LoRA")["init_args"]["export_dir"] = str(w / "cases" / f"{name}-adapter")
+        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(w / "cases" / f"{name}-ckpts")
+        c["trainer"]["default_root_dir"] = str(w / "cases" / f"{name}-run")
+
+    return edit
 
 
 def recipe(work: Path, edit: Callable[[dict], None] | None = None) -> str:
@@ -340,14 +386,83 @@ def checkpoint_with_other_lora_rank(w):
     def edit(c):
         callback(c, "LoRA")["init_args"]["r"] = 16
 
-    return ["fit", "--config", recipe(w, edit), f"--ckpt_path={w / 'ckpts' / 'last.ckpt'}"], "r=8"
+    # max_steps above the checkpoint's step: resuming a finished run is refused before the checkpoint is read
+    return ["fit", "--config", recipe(w, edit), f"--ckpt_path={w / 'ckpts' / 'last.ckpt'}", "--trainer.max_steps=3"], (
+        "r=8"
+    )
 
 
 def resume_with_other_quantization(w):
     def edit(c):
         c["trainer"]["plugins"][0]["init_args"] = {"double_quant": False}
 
-    return ["fit", "--config", recipe(w, edit), f"--ckpt_path={w / 'ckpts' / 'last.ckpt'}"], "double_quant"
+    return ["fit", "--config", recipe(w, edit), f"--ckpt_path={w / 'ckpts' / 'last.ckpt'}", "--trainer.max_steps=3"], (
+        "double_quant"
+    )
+
+
+def zero_steps_over_an_existing_adapter(w):
+    return ["fit", "--config", recipe(w), "--trainer.max_steps=0"], (
+        f"{w / 'adapter'} with an untrained one; pass --overwrite true"
+    )
+
+
+def resume_of_a_finished_run_over_its_adapter(w):
+    return ["fit", "--config", recipe(w), "--ckpt_path=last"], "already at step 2 (max_steps=2)"
+
+
+def run_dir_held_by_a_live_run(w):
+    hold = "import sys, time\nfrom lightning_qlora.callbacks.run_lock import RunDirLock\n"
+    hold += "RunDirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)\n"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(w / "run")], stdout=subprocess.PIPE, text=True)
+    HOLDERS.append(proc)
+    assert proc.stdout.readline().strip() == "locked"
+    return ["fit", "--config", recipe(w)], f"{w / 'run'} is in use by another run (pid {proc.pid} on"
+
+
+def default_root_dir_read_only(w):
+    root = tmpfs(w, "ro-root", read_only=True) / "run"
+    return ["fit", "--config", recipe(w), f"--trainer.default_root_dir={root}"], f"default_root_dir {root} is not"
+
+
+def checkpoint_dirpath_read_only(w):
+    folder = tmpfs(w, "ro-ckpts", read_only=True)
+
+    def edit(c):
+        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(folder)
+
+    return ["fit", "--config", recipe(w, edit)], f"checkpoint dirpath {folder} is not writable"
+
+
+def export_dir_read_only(w):
+    folder = tmpfs(w, "ro-adapter", read_only=True, holding=(w / "adapter",)) / "adapter"
+
+    def edit(c):
+        callback(c, "LoRA")["init_args"]["export_dir"] = str(folder)
+
+    return ["fit", "--config", recipe(w, edit)], f"LoRA export_dir {folder} is not writable"
+
+
+def disk_full_at_checkpoint_save(w):
+    last = w / "ckpts" / "last.ckpt"  # an earlier checkpoint fills the disk: the new one does not fit beside it
+    folder = tmpfs(w, "full-ckpts", size=f"{last.stat().st_size // 1024 + 64}k", holding=(last,))
+
+    def edit(c):
+        elsewhere(w, "full-ckpts")(c)
+        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(folder)
+
+    return ["fit", "--config", recipe(w, edit), "--trainer.max_steps=1"], f"write {folder}/last", 1
+
+
+def disk_full_at_adapter_export(w):
+    size = sum(p.stat().st_size for p in (w / "adapter").iterdir()) // 1024 + 24
+    folder = tmpfs(w, "full-adapter", size=f"{size}k", holding=(w / "adapter",)) / "adapter"
+
+    def edit(c):
+        elsewhere(w, "full-adapter")(c)
+        callback(c, "LoRA")["init_args"]["export_dir"] = str(folder)
+
+    return ["fit", "--config", recipe(w, edit), "--trainer.max_steps=1"], f"write {folder}; it needs", 1
 
 
 CASES = [
@@ -361,7 +476,9 @@ CASES = [
     evaluate_mmlu_path_missing, checkpoint_missing, checkpoint_truncated, checkpoint_not_a_checkpoint,
     checkpoint_with_pickled_code, checkpoint_from_another_base, checkpoint_from_a_merged_base,
     checkpoint_with_other_lora_rank,
-    resume_with_other_quantization,
+    resume_with_other_quantization, zero_steps_over_an_existing_adapter, resume_of_a_finished_run_over_its_adapter,
+    run_dir_held_by_a_live_run, default_root_dir_read_only, checkpoint_dirpath_read_only, export_dir_read_only,
+    disk_full_at_checkpoint_save, disk_full_at_adapter_export,
 ]  # fmt: skip
 
 
@@ -369,13 +486,13 @@ CASES = [
 def test_bad_input_is_one_line_naming_it_and_overwrites_nothing(case, work, monkeypatch, capsys):
     monkeypatch.chdir(work)
     monkeypatch.setattr(sys, "argv", ["lightning-qlora"])
-    args, must_name = case(work)
+    args, must_name, *code = case(work)  # exit 2 for bad input, or the case's code (1: a fault while running)
     before = protected(work)
     with pytest.raises(SystemExit) as exit_:
         main(args)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("lightning-qlora: error:")]
-    assert exit_.value.code == 2, err[-3000:]
+    assert exit_.value.code == (code[0] if code else 2), err[-3000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert must_name in lines[0], lines[0]
     assert len(lines[0]) < 600

@@ -235,9 +235,9 @@ def test_checkpoint_load_peak_is_the_4bit_model_plus_about_one_layer(tmp_path):
     from lightning_qlora.models.sources import load_causal_lm
     from lightning_qlora.quantization.nf4 import QuantizationConfig
 
-    config = tiny_llama_config(hidden_size=512, intermediate_size=1024, num_hidden_layers=3)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 safetensors, 3 layers
-    fp32_linears = 3 * 4 * (4 * 512 * 512 + 3 * 512 * 1024)
+    config = tiny_llama_config(hidden_size=512, intermediate_size=1024, num_hidden_layers=8)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 safetensors, 8 layers, loaded by transformers
+    fp32_linears = 8 * 4 * (4 * 512 * 512 + 3 * 512 * 1024)
     largest = 4 * 512 * 1024
     with LiveTensorTracker() as tracker:
         model = load_causal_lm(tmp_path, QuantizationConfig())

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, lora_scaling
-from lightning_qlora.quantization.experts import expert_stacks, stack_names, stack_shape, use_experts_forward
+from lightning_qlora.quantization.experts import (
+    expert_stacks,
+    is_experts_module,
+    stack_names,
+    stack_shape,
+    use_experts_forward,
+    uses_experts_interface,
+)
 from lightning_qlora.quantization.nf4 import is_skipped
 from lightning_qlora.utils.dtypes import to_dtype
 
@@ -71,12 +79,21 @@ def inject_expert_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
     Stacks under ``config.exclude_modules`` are left alone. Names are ``<experts module>.<stack>``.
 
-    Raises:
-        ValueError: for an experts module transformers does not dispatch through its experts interface.
+    Experts modules transformers does not dispatch through its experts interface get no adapter (one warning).
     """
     dtype = to_dtype(config.dtype)
     added = []
-    for name, module in expert_stacks(model):
+    unsupported = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if is_experts_module(m) and not uses_experts_interface(m) and not is_skipped(n, config.exclude_modules)
+    ]
+    if unsupported:  # full-precision experts outside transformers' experts interface: the rest still trains
+        warnings.warn(
+            f"LoRA: no adapters on {len(unsupported)} experts modules that transformers does not dispatch through "
+            f"its experts interface (e.g. {unsupported[0]}); their experts stay frozen", stacklevel=2
+        )
+    for name, module in expert_stacks(model, skip=config.exclude_modules, strict=False):
         adapters = getattr(module, "lora_experts", None)
         if adapters is None:
             adapters = nn.ModuleDict()

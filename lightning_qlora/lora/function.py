@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_qlora.quantization.nf4 import ensure_canonical_packing, is_4bit_linear
@@ -120,12 +119,17 @@ class LoRALinearFunction(torch.autograd.Function):
             b = lora_B.to(spec.lora_dtype)
             xa = dropped @ a.t()  # (tokens, r): the only adapter activation backward keeps
             w0 = _dequantized(weight, spec)
-            base_bias = None if bias is None else bias.to(spec.base_dtype)
-            # in x's shape, never a view: callers may modify the output in place (Falcon does)
-            base = F.linear(x.to(spec.base_dtype), w0, base_bias)
+            # the output is allocated in x's shape and filled through a 2-D view, so it is never itself a view:
+            # callers may modify it in place (Falcon, RoCBERT do)
+            base = x2.new_empty((*shape[:-1], w0.shape[0]), dtype=spec.base_dtype)
+            flat = base.view(-1, w0.shape[0])
+            if bias is None:
+                torch.mm(x2.to(spec.base_dtype), w0.t(), out=flat)
+            else:
+                torch.addmm(bias.to(spec.base_dtype), x2.to(spec.base_dtype), w0.t(), out=flat)
             del w0
             if base.dtype == spec.lora_dtype:  # base + s·(x·Aᵀ)·Bᵀ without an extra copy
-                base.view(-1, base.shape[-1]).addmm_(xa, b.t(), alpha=spec.scaling)
+                flat.addmm_(xa, b.t(), alpha=spec.scaling)
                 out = base
             else:
                 update = (torch.mm(xa, b.t()) * spec.scaling).to(spec.out_dtype)

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_qlora.lora.function import fused_lora_linear
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, is_4bit_linear, is_skipped, tied_linear_names
-from lightning_qlora.quantization.shells import is_linear_like, is_router, linear_shape
+from lightning_qlora.quantization.shells import head_patterns, is_linear_like, is_router, linear_shape
 from lightning_qlora.utils.dtypes import dtype_name, to_dtype
 from lightning_qlora.utils.imports import bitsandbytes
 
@@ -187,7 +187,9 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     target = config.target_modules
     if target == "all-linear":
         tied = tied_linear_names(model)
-        chosen = [n for n in linears if not is_skipped(n, config.head_modules) and n not in tied]
+        head, names = head_patterns(model, config.head_modules)
+        chosen = [n for n in linears if not is_skipped(n, names) and n not in tied]
+        chosen = [n for n in chosen if model.get_submodule(n) is not head]
     elif isinstance(target, str):
         chosen = [n for n in linears if re.fullmatch(target, n)]
     else:

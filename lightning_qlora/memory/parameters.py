@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.quantization.experts import expert_stacks, stack_names
-from lightning_qlora.quantization.nf4 import QuantizationConfig, is_skipped
+from lightning_qlora.quantization.nf4 import QuantizationConfig
 from lightning_qlora.quantization.shells import is_router
 
 
@@ -14,16 +14,8 @@ def quantized_stacks(net: nn.Module, quantization: QuantizationConfig | None) ->
     """The 3-D expert stacks the loader quantizes (none without quantization or where experts cannot be 4-bit)."""
     if quantization is None:
         return []
-    try:
-        found = expert_stacks(net)
-    except ValueError:  # experts outside transformers' experts interface stay full precision
-        return []
-    return [
-        getattr(module, stack)
-        for name, module in found
-        if not is_skipped(name, quantization.skip_modules)
-        for stack in stack_names(module)
-    ]
+    found = expert_stacks(net, skip=quantization.skip_modules, strict=False)  # others stay full precision
+    return [getattr(module, stack) for _, module in found for stack in stack_names(module)]
 
 
 def unquantized_kinds(net: nn.Module, quantized: set[int]) -> str:

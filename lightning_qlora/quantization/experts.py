@@ -12,6 +12,7 @@ keeping it, as the fused linear path does.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -43,23 +44,36 @@ def uses_experts_interface(module: nn.Module) -> bool:
     return all(hasattr(module, flag) for flag in ("has_gate", "has_bias", "is_transposed"))
 
 
-def expert_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every experts module of ``model``.
+def expert_stacks(
+    model: nn.Module, skip: Iterable[str] = (), strict: bool = True
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every experts module of ``model`` not named in ``skip``.
+
+    Args:
+        model: the network.
+        skip: name patterns (as ``QuantizationConfig.skip_modules``) of experts modules to leave alone.
+        strict: raise for an experts module outside transformers' experts interface (else leave it out).
 
     Raises:
-        ValueError: for an experts module whose forward does not go through transformers' experts interface (its
-            stacks would be read whole by code we do not control), naming the architecture and the module type.
+        ValueError: with ``strict``, for an experts module whose forward does not go through transformers' experts
+            interface (its stacks would be read whole by code we do not control), naming the architecture and the
+            module type.
     """
+    from lightning_qlora.quantization.nf4 import is_skipped
+
     found = []
     for name, module in model.named_modules():
-        if not is_experts_module(module):
+        if not is_experts_module(module) or is_skipped(name, skip):
             continue
         if not uses_experts_interface(module):
+            if not strict:
+                continue
             arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise ValueError(
                 f"{arch}: {name} is a {type(module).__name__} whose forward reads its 3-D expert weights directly "
                 "(not through transformers' experts interface), so they cannot be held in 4 bits; pass "
-                "NF4Precision(skip_modules=['experts']) to keep them in full precision (no adapters on them)"
+                f"NF4Precision(skip_modules=['{name.rsplit('.', 1)[-1]}']) to keep them in full precision (no adapters "
+                "on them)"
             )
         found.append((name, module))
     return found
@@ -185,12 +199,10 @@ def quantize_expert_stacks(
     Raises:
         ValueError: for experts transformers does not dispatch through its experts interface.
     """
-    from lightning_qlora.quantization.nf4 import default_quantization_device, is_skipped
+    from lightning_qlora.quantization.nf4 import default_quantization_device
 
     names = []
-    for name, module in expert_stacks(model):
-        if is_skipped(name, config.skip_modules):
-            continue
+    for name, module in expert_stacks(model, skip=config.skip_modules):
         for stack in stack_names(module):
             param = getattr(module, stack)
             if getattr(param, "quant_state", None) is not None or param.device.type == "meta":
@@ -213,7 +225,7 @@ def register_experts_forward() -> None:
 
 def use_experts_forward(model: nn.Module) -> int:
     """Route every experts module of ``model`` through :func:`experts_forward`; returns how many there are."""
-    stacks = expert_stacks(model)
+    stacks = expert_stacks(model, strict=False)
     if stacks:
         register_experts_forward()
         for config in {id(c): c for c in _configs(model)}.values():

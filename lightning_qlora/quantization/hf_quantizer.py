@@ -21,7 +21,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lightning_qlora.quantization.experts import expert_stacks, quantize_stack, stack_names, use_experts_forward
-from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack, is_skipped, make_params4bit
+from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack, make_params4bit
 from lightning_qlora.quantization.shells import arrived_weight, to_shells
 
 METHOD = "lightning_qlora"
@@ -102,13 +102,13 @@ class QLoRAQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         settings: QLoRAQuantizationConfig = self.quantization_config
         config = settings.config
-        keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        keep = [*(getattr(model, "_keep_in_fp32_modules", None) or []),
+                *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]  # fmt: skip
         if keep:
             config = QuantizationConfig(**{**config.__dict__, "skip_modules": (*config.skip_modules, *keep)})
         self.shells = to_shells(model, config, settings.device)
-        for name, module in expert_stacks(model):
-            if not is_skipped(name, config.skip_modules):
-                self.stacks |= {f"{name}.{stack}" for stack in stack_names(module)}
+        for name, module in expert_stacks(model, skip=config.skip_modules):
+            self.stacks |= {f"{name}.{stack}" for stack in stack_names(module)}
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         """Shell weights and expert stacks (biases and everything else load as they are)."""

@@ -64,10 +64,14 @@ class QuantizationConfig:
 
 
 def is_skipped(name: str, patterns: Iterable[str]) -> bool:
-    """Whether a module's dotted ``name`` matches a skip pattern (last component, full name, or regex)."""
+    """Whether a module's dotted ``name`` matches a skip pattern.
+
+    A pattern matches as the last name component, a dotted suffix of whole components (``indexer.weights_proj``),
+    the full name, or a regex over the full name.
+    """
     last = name.rsplit(".", 1)[-1]
     for pattern in patterns:
-        if pattern in (name, last):
+        if pattern in (name, last) or ("." in pattern and name.endswith(f".{pattern}")):
             return True
         if any(ch in pattern for ch in "*^$[]()|\\+?") and re.fullmatch(pattern, name):
             return True

@@ -14,13 +14,13 @@ quantized on the spot. Which module becomes what:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.nf4 import QuantizationConfig, is_skipped, make_params4bit
+from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, QuantizationConfig, is_skipped, make_params4bit
 from lightning_qlora.utils.imports import bitsandbytes
 
 ROUTER_NAMES = ("router", "gate", "shared_expert_gate")
@@ -212,6 +212,35 @@ def make_shell(module: nn.Module, config: QuantizationConfig, device: torch.devi
     return shell
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head of the first transformers model in ``model`` (``get_output_embeddings``), if any."""
+    for module in model.modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (AttributeError, NotImplementedError, TypeError):
+                continue
+            if isinstance(head, nn.Module):
+                return head
+    return None
+
+
+def head_patterns(model: nn.Module, patterns: Iterable[str]) -> tuple[nn.Module | None, tuple[str, ...]]:
+    """``(head, patterns)``: a model that names its head keeps it by identity, not by the default head names.
+
+    The default names (``lm_head``, ``output``, ...) guess the head of models that do not say which it is; where
+    the model says (``get_output_embeddings``), an inner layer that happens to be called ``output`` is an ordinary
+    layer and a head called ``head`` is still the head. Patterns without the default names are the user's own
+    choice and are used as they are.
+    """
+    patterns = tuple(patterns)
+    head = output_head(model) if set(patterns) & set(DEFAULT_SKIP_MODULES) else None  # defaults in effect
+    if head is None:
+        return None, patterns
+    return head, tuple(p for p in patterns if p not in DEFAULT_SKIP_MODULES)
+
+
 def shell_candidates(model: nn.Module, config: QuantizationConfig) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of every full-precision linear-like module :func:`to_shells` would replace.
 
@@ -220,11 +249,12 @@ def shell_candidates(model: nn.Module, config: QuantizationConfig) -> Iterator[t
     """
     four_bit = bitsandbytes().nn.Linear4bit
     tied = _tied_to_embeddings(model) if config.skip_tied else set()
+    head, skip = head_patterns(model, config.skip_modules)
     for name, module in model.named_modules():
-        if not is_linear_like(module) or is_shell(module) or isinstance(module, four_bit):
+        if not is_linear_like(module) or is_shell(module) or isinstance(module, four_bit) or module is head:
             continue
         logical = name.removesuffix(".base_layer")
-        if is_skipped(logical, config.skip_modules) or is_router(logical, module) or name in tied:
+        if is_skipped(logical, skip) or is_router(logical, module) or name in tied:
             continue
         yield name, module
 
@@ -291,10 +321,11 @@ def quantize_model(
     Raises:
         ValueError: if the model has no linear layer at all, or a layer's weight does not fit it.
     """
-    from lightning_qlora.quantization.experts import quantize_expert_stacks
+    from lightning_qlora.quantization.experts import expert_stacks, quantize_expert_stacks
     from lightning_qlora.quantization.nf4 import default_quantization_device, guard_cpu_repack
 
     config = config or QuantizationConfig()
+    expert_stacks(model, skip=config.skip_modules)  # refuse unsupported experts before anything is changed
     names = []
     for name, module in list(shell_candidates(model, config)):
         target = device if device is not None else default_quantization_device(module.weight)

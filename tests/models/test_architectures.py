@@ -2,7 +2,8 @@
 
 One module fixture runs ``tests/architecture_worker.py`` in two fresh processes (as a user would start one; each
 process builds several architectures one after the other) and each test reads one architecture's results. The
-architecture table in docs/models.md is generated from the same run: ``python docs/models.py``.
+architecture table in docs/models.md is generated from the same worker:
+``python tests/architecture_worker.py --markdown docs/models.md``.
 """
 
 from __future__ import annotations

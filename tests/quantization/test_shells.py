@@ -99,3 +99,70 @@ def test_init_context_handles_classes_defined_before_and_after_and_never_patches
         torch.testing.assert_close(first[2](h), expected, rtol=1e-5, atol=1e-5)
     plain = nn.Linear(8, 8)  # after the block: an ordinary layer again
     assert type(plain) is ORIGINAL_LINEAR and plain.weight.device.type == "cpu"
+
+
+def test_dotted_skip_patterns_match_whole_trailing_components():
+    from lightning_qlora.quantization.nf4 import is_skipped
+
+    assert is_skipped("model.layers.0.self_attn.indexer.weights_proj", ["indexer.weights_proj"])
+    assert not is_skipped("model.layers.0.self_attn.myindexer.weights_proj", ["indexer.weights_proj"])
+    assert is_skipped("lm_head", ["lm_head"]) and is_skipped("a.b.q_proj", ["q_proj"])
+
+
+class _NamedHead(nn.Module):
+    """A model that says which layer is its head (as transformers models do), with an inner layer named output."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"output": nn.Linear(64, 64)})
+        self.head = nn.Linear(64, 128)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_the_head_is_known_by_identity_not_by_name():
+    from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
+
+    model = _NamedHead()
+    assert find_lora_targets(model, LoRAConfig(r=4)) == ["block.output"]  # the inner "output" is an ordinary layer
+    assert quantize_model(model) == ["block.output"]
+    assert type(model.head) is nn.Linear and is_4bit_linear(model.block["output"])
+
+
+def test_the_out_of_place_guarantee_lets_models_modify_lora_outputs():
+    from lightning_qlora.lora.layer import LoRALinear
+
+    layer = LoRALinear(nn.Linear(96, 64).requires_grad_(False), 4, 8)
+    x = torch.randn(2, 16, 96, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LoRALinearFunctionBackward" and out._base is None
+    out += 1  # RoCBERT and Falcon add to a projection's output in place
+    out.sum().backward()
+    assert x.grad is not None and layer.lora_B.grad is not None
+
+
+class _PlainExperts(nn.Module):
+    """Experts whose forward reads the 3-D stacks directly (no transformers experts interface)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 128, 64))
+        self.down_proj = nn.Parameter(torch.randn(4, 64, 64))
+
+
+def test_experts_outside_the_interface_are_refused_in_one_line_unless_skipped():
+    import pytest
+
+    from lightning_qlora.lora.experts import inject_expert_lora
+    from lightning_qlora.lora.layer import LoRAConfig
+
+    model = nn.Module()
+    model.proj = nn.Linear(64, 64)
+    model.experts = _PlainExperts()
+    with pytest.raises(ValueError, match=r"experts is a _PlainExperts whose forward reads.*skip_modules=\['experts'\]"):
+        quantize_model(model)
+    assert quantize_model(model, QuantizationConfig(skip_modules=("experts",))) == ["proj"]  # the advice works
+    assert model.experts.gate_up_proj.dtype == torch.float32  # left in full precision
+    with pytest.warns(UserWarning, match="no adapters on 1 experts modules"):
+        assert inject_expert_lora(model, LoRAConfig(r=4)) == []

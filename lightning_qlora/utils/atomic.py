@@ -30,9 +30,10 @@ class DiskFullError(OSError):
         self.path = Path(path)
         self.needed = needed
         free = _free_bytes(self.path)
-        sizes = f"; it needs {needed:,} bytes ({format_bytes(needed)})" if needed is not None else ""
-        sizes += f", {free:,} bytes free there" if free is not None else ""
-        message = f"no space left on the device to write {self.path}{sizes}; free some space or choose another folder"
+        sizes = [f"it needs {needed:,} bytes ({format_bytes(needed)})"] if needed is not None else []
+        sizes += [f"{free:,} bytes free there"] if free is not None else []
+        where = f" ({', '.join(sizes)})" if sizes else ""
+        message = f"cannot write {self.path}: No space left on device{where}; free some space or choose another folder"
         super().__init__(errno.ENOSPC, message)
 
     def __str__(self) -> str:

@@ -451,7 +451,7 @@ def disk_full_at_checkpoint_save(w):
         elsewhere(w, "full-ckpts")(c)
         callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(folder)
 
-    return ["fit", "--config", recipe(w, edit), "--trainer.max_steps=1"], f"write {folder}/last", 1
+    return ["fit", "--config", recipe(w, edit), "--trainer.max_steps=1"], f"cannot write {folder}/last", 1
 
 
 def disk_full_at_adapter_export(w):
@@ -462,7 +462,8 @@ def disk_full_at_adapter_export(w):
         elsewhere(w, "full-adapter")(c)
         callback(c, "LoRA")["init_args"]["export_dir"] = str(folder)
 
-    return ["fit", "--config", recipe(w, edit), "--trainer.max_steps=1"], f"write {folder}; it needs", 1
+    needs = f"write {folder}: No space left on device (it needs"
+    return ["fit", "--config", recipe(w, edit), "--trainer.max_steps=1"], needs, 1
 
 
 CASES = [

@@ -60,6 +60,11 @@ SPECS: dict[str, dict] = {
         "num_experts": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1,
         "mlp_only_layers": [], **MOE,
     },
+    "llama4_text": {
+        "num_local_experts": 4, "interleave_moe_layer_step": 1, "intermediate_size_mlp": 128,
+        "attention_chunk_size": 64, "no_rope_layers": [1, 1], "layer_types": ["chunked_attention", "full_attention"],
+        **MOE,
+    },
     "gpt_oss": {
         "num_local_experts": 4, "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"], **MOE,
     },

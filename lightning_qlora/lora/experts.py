@@ -18,8 +18,10 @@ from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, lora_scaling
 from lightning_qlora.quantization.experts import (
+    DENSE_EXPERTS,
     expert_stacks,
     is_experts_module,
+    stack_is_transposed,
     stack_names,
     stack_shape,
     use_experts_forward,
@@ -104,7 +106,7 @@ def inject_expert_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             if stack in adapters or excluded or not _targets_stack(config, name, stack):
                 continue
             experts, a, b = stack_shape(getattr(module, stack))
-            in_features, out_features = (a, b) if module.is_transposed else (b, a)
+            in_features, out_features = (a, b) if stack_is_transposed(module) else (b, a)
             device = getattr(module, stack).device
             adapters[stack] = ExpertLoRA(experts, in_features, out_features, config.r, config.alpha,
                                          config.use_rslora, dtype, device)  # fmt: skip
@@ -134,6 +136,40 @@ def _targets_stack(config: LoRAConfig, module_name: str, stack: str) -> bool:
     return is_skipped(full, list(target)) or is_skipped(module_name, list(target))
 
 
+def module_experts(lora: ExpertLoRA) -> int:
+    """Number of experts an :class:`ExpertLoRA` adapts."""
+    return lora.experts
+
+
+def _peft_swaps(module: nn.Module) -> bool:
+    """Whether peft reads this stack the other way round.
+
+    A dense layout is stored in × out, but its module carries no ``is_transposed`` flag in a plain transformers
+    model, so peft takes it for out × in.
+    """
+    return type(module).__name__ in DENSE_EXPERTS
+
+
+def _to_peft(module: nn.Module, a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our ``(A: E·r × in, B: out × r·E)`` as peft stores the same update (``ΔWₑ = Aₑᵀ·Bₑᵀ`` either way)."""
+    if not _peft_swaps(module):
+        return a, b
+    rank, (out_features, in_features) = a.shape[0] // experts, (b.shape[0], a.shape[1])
+    peft_a = b.reshape(out_features, rank, experts).permute(2, 1, 0).reshape(experts * rank, out_features)
+    peft_b = a.reshape(experts, rank, in_features).permute(2, 1, 0).reshape(in_features, rank * experts)
+    return peft_a, peft_b
+
+
+def _from_peft(module: nn.Module, a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_to_peft`."""
+    if not _peft_swaps(module):
+        return a, b
+    rank, (in_features, out_features) = a.shape[0] // experts, (b.shape[0], a.shape[1])
+    ours_a = b.reshape(in_features, rank, experts).permute(2, 1, 0).reshape(experts * rank, in_features)
+    ours_b = a.reshape(experts, rank, out_features).permute(2, 1, 0).reshape(out_features, rank * experts)
+    return ours_a, ours_b
+
+
 def peft_expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The adapted expert stacks as peft saves them, and the ``target_parameters`` that select exactly those.
 
@@ -153,8 +189,10 @@ def peft_expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list
         all_stacks += [f"{name}.{s}" for s in stack_names(module)]
         for i, stack in enumerate(stacks):
             key = name + ".base_layer" * (len(stacks) - 1 - i)
-            tensors[f"{key}.lora_A.weight"] = adapters[stack].lora_A.detach().to("cpu").contiguous()
-            tensors[f"{key}.lora_B.weight"] = adapters[stack].lora_B.detach().to("cpu").contiguous()
+            a, b = _to_peft(module, adapters[stack].lora_A.detach(), adapters[stack].lora_B.detach(), module_experts(
+                adapters[stack]))
+            tensors[f"{key}.lora_A.weight"] = a.to("cpu").contiguous()
+            tensors[f"{key}.lora_B.weight"] = b.to("cpu").contiguous()
             adapted.append(f"{name}.{stack}")
     short = sorted({".".join(n.split(".")[-2:]) for n in adapted})
     picks = {n for n in all_stacks if any(n == s or n.endswith(f".{s}") for s in short)}
@@ -190,8 +228,8 @@ def load_peft_experts(
             raise ValueError(f"{path}: {key} names no expert stack of {type(model).__name__}; wrong base model")
         stack = stacks[len(stacks) - 1 - depth]
         experts, a_dim, b_dim = stack_shape(getattr(module, stack))
-        in_features, out_features = (a_dim, b_dim) if module.is_transposed else (b_dim, a_dim)
-        a, b = pair["A"], pair["B"]
+        in_features, out_features = (a_dim, b_dim) if stack_is_transposed(module) else (b_dim, a_dim)
+        a, b = _from_peft(module, pair["A"], pair["B"], experts)
         if a.shape[0] % experts or a.shape[1] != in_features or b.shape[0] != out_features:
             raise ValueError(
                 f"{path}: {name}.{stack} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} but the stack is "

@@ -12,6 +12,7 @@ keeping it, as the fused linear path does.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,8 +41,20 @@ def _is_stack(value: Any) -> bool:
 
 
 def uses_experts_interface(module: nn.Module) -> bool:
-    """Whether transformers dispatches ``module``'s forward through its experts interface (the flags it sets)."""
-    return all(hasattr(module, flag) for flag in ("has_gate", "has_bias", "is_transposed"))
+    """Whether ``module``'s experts can run in 4 bits here.
+
+    Either transformers dispatches its forward through its experts interface (the flags it sets), or it is a dense
+    layout this module runs itself (:data:`DENSE_EXPERTS`).
+    """
+    return type(module).__name__ in DENSE_EXPERTS or all(
+        hasattr(module, flag) for flag in ("has_gate", "has_bias", "is_transposed")
+    )
+
+
+DENSE_EXPERTS = ("Llama4TextExperts",)
+"""Experts modules outside the interface that run every token through every expert (inputs grouped per expert,
+``gate_up_proj`` E × H × 2I and ``down_proj`` E × I × H): :func:`dense_experts_forward` runs them one expert at a
+time. peft sees these stacks untransposed (it reads no ``is_transposed`` flag on them)."""
 
 
 def expert_stacks(
@@ -215,6 +228,30 @@ def quantize_expert_stacks(
     return names
 
 
+def stack_is_transposed(module: nn.Module) -> bool:
+    """Whether an experts module stores its stacks ``in × out`` (GPT-OSS, Llama 4) rather than ``out × in``."""
+    return bool(getattr(module, "is_transposed", type(module).__name__ in DENSE_EXPERTS))
+
+
+def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama 4's experts forward over 4-bit stacks: inputs grouped per expert, each expert dequantized in turn."""
+    grouped = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+    outs = []
+    for expert in range(self.num_experts):
+        gate, up = _project(self, "gate_up_proj", grouped[expert], expert).chunk(2, dim=-1)
+        outs.append(_project(self, "down_proj", up * self.act_fn(gate), expert))
+    return torch.cat(outs).view(-1, outs[0].shape[-1])
+
+
+def _run_dense(module: nn.Module) -> None:
+    """Give a dense experts module (:data:`DENSE_EXPERTS`) the flags and forward of :func:`dense_experts_forward`."""
+    if getattr(module, "_dense_4bit", False):
+        return
+    module.has_gate, module.has_bias, module.is_transposed, module.is_concatenated = True, False, True, True
+    module.forward = types.MethodType(dense_experts_forward, module)  # this instance only; its class is untouched
+    module._dense_4bit = True
+
+
 def register_experts_forward() -> None:
     """Register :func:`experts_forward` with transformers' experts interface (idempotent)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -226,12 +263,16 @@ def register_experts_forward() -> None:
 def use_experts_forward(model: nn.Module) -> int:
     """Route every experts module of ``model`` through :func:`experts_forward`; returns how many there are."""
     stacks = expert_stacks(model, strict=False)
-    if stacks:
+    for _, module in stacks:
+        if type(module).__name__ in DENSE_EXPERTS:
+            _run_dense(module)
+    if any(type(m).__name__ not in DENSE_EXPERTS for _, m in stacks):
         register_experts_forward()
         for config in {id(c): c for c in _configs(model)}.values():
             config._experts_implementation = EXPERTS_IMPLEMENTATION
         for _, module in stacks:
-            module.config._experts_implementation = EXPERTS_IMPLEMENTATION
+            if hasattr(module, "config"):
+                module.config._experts_implementation = EXPERTS_IMPLEMENTATION
     return len(stacks)
 
 

@@ -57,7 +57,7 @@ def test_architecture_trains_in_4_bits_and_its_adapter_loads_in_peft(results, ar
 
 
 def test_moe_experts_are_4bit_and_adapted(results):
-    for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"):
+    for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4_text"):
         stacks = [n for n in results[arch]["adapted"] if ".experts." in n]
         assert len(stacks) == 4, (arch, stacks)  # two layers, two stacks each
         assert all("experts" not in n for n in results[arch]["full_precision"]), results[arch]["full_precision"]

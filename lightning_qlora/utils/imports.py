@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 
@@ -28,6 +32,33 @@ def _missing(name: str) -> str:
     return f"lightning_qlora needs {package} here ({name}); install it: pip install {package}"
 
 
+_BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _DropHubKernelProbe(logging.Filter):
+    """Drops bitsandbytes' note that its optional CPU hub kernel could not be loaded.
+
+    bitsandbytes tries ``kernels-community/quantization-bitsandbytes`` (a hub download) when it is imported on a CPU
+    with AVX512-BF16 and logs a warning when that fails (offline, or without the ``kernels`` package). That kernel
+    serves only the CPU inference layout, which ``NF4Linear`` never uses, so nothing the user could do about
+    the message would change a run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+@contextlib.contextmanager
+def _quiet_hub_kernel_probe() -> Iterator[None]:
+    logger = logging.getLogger(_BNB_CPU_KERNEL_LOGGER)
+    drop = _DropHubKernelProbe()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def bitsandbytes() -> ModuleType:
     """The ``bitsandbytes`` module, with ``.nn``, ``.nn.modules``, ``.functional`` and ``.optim`` loaded.
 
@@ -37,6 +68,13 @@ def bitsandbytes() -> ModuleType:
     Raises:
         ImportError: when bitsandbytes is not installed.
     """
+    if "bitsandbytes" not in sys.modules:  # the first import, quietly (see _DropHubKernelProbe)
+        with _quiet_hub_kernel_probe():
+            _import_bitsandbytes()
+    return _import_bitsandbytes()
+
+
+def _import_bitsandbytes() -> ModuleType:
     try:
         import bitsandbytes
     except ImportError as err:

@@ -140,7 +140,7 @@ def test_lightning_model_summary_shows_true_sizes(summary_cls, caplog, recwarn, 
     from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 
     from lightning_qlora.memory.footprint import measure_footprint
-    from lightning_qlora.plugins.precision import QuantizedSummary
+    from lightning_qlora.plugins.model_summary import QuantizedSummary
 
     module = Regression()
     callbacks = [LoRA(r=4, alpha=8, dropout=0.0)]
@@ -172,7 +172,7 @@ def test_lightning_model_summary_shows_true_sizes(summary_cls, caplog, recwarn, 
 def test_a_summary_subclass_with_its_own_summary_is_left_alone():
     from lightning.pytorch.callbacks import ModelSummary
 
-    from lightning_qlora.plugins.precision import show_true_sizes
+    from lightning_qlora.plugins.model_summary import show_true_sizes
 
     class Own(ModelSummary):
         def _summary(self, trainer, pl_module):
@@ -188,7 +188,7 @@ def test_a_summary_subclass_with_its_own_summary_is_left_alone():
 def test_bitsandbytes_hub_kernel_note_is_dropped_only_during_our_import(caplog):
     import logging
 
-    from lightning_qlora.plugins.precision import _quiet_hub_kernel_probe
+    from lightning_qlora.utils.imports import _quiet_hub_kernel_probe
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     note = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip ..."

@@ -28,7 +28,8 @@ class CausalLM(pl.LightningModule):
     Args:
         model: model source (see :func:`lightning_qlora.models.sources.resolve_model_dir`).
         tokenizer: tokenizer source (default: the model's own).
-        dtype: dtype of the unquantized parameters (embeddings, norms, head): ``bf16``, ``fp16`` or ``fp32``.
+        dtype: dtype of the unquantized parameters (embeddings, norms, head): ``bf16``, ``fp16``, ``fp32`` or
+            ``auto`` (bf16 where the device computes it natively, else fp16 on GPUs and fp32 on CPUs).
         lr: learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.

@@ -42,7 +42,8 @@ class NF4Precision(Precision):
         quant_type: ``"nf4"`` (QLoRA) or ``"fp4"`` (ablation).
         double_quant: quantize the block constants to 8 bits (≈4.127 instead of 4.5 bits per parameter).
         compute_dtype: dtype of the on-the-fly dequantized weights and of autocast: ``bf16`` (default), ``fp16``,
-            or ``fp32`` (slow, warns).
+            ``fp32`` (slow on GPUs, warns), or ``auto``: bf16 on GPUs and CPUs that compute it natively, fp16 on GPUs
+            without bf16, fp32 on CPUs that only emulate bf16 (about 40× slower there).
         blocksize: weights per absmax block (64 in the paper).
         quant_storage: dtype the packed 4-bit codes are stored in (``uint8``; the compute dtype for FSDP).
         skip_modules: layer names kept in full precision (default: output heads such as ``lm_head``/``output``).
@@ -67,7 +68,7 @@ class NF4Precision(Precision):
         device: str | None = None,
     ) -> None:
         dtype = to_dtype(compute_dtype)
-        if dtype == torch.float32:
+        if dtype == torch.float32 and str(compute_dtype).lower() != "auto":
             warnings.warn(
                 "NF4Precision(compute_dtype=fp32) dequantizes to fp32 for every matmul: correct but slow; "
                 "use bf16 (or fp16 on GPUs without bf16)",

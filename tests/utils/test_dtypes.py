@@ -37,3 +37,16 @@ def test_recipe_dtype_spellings_reach_the_plugin(spelling, tmp_path, monkeypatch
     path.write_text(yaml.safe_dump(config))
     cli = QLoRACLI(run=False, args=["--config", str(path)])
     assert cli.trainer.precision_plugin.config.compute_dtype is torch.bfloat16
+
+
+def test_auto_is_the_fast_exact_dtype_of_the_device(monkeypatch):
+    import torch
+
+    from lightning_qlora.utils import dtypes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(dtypes, "_cpu_has_native_bf16", lambda native=native: native)
+        assert dtypes.to_dtype("auto") == dtypes.to_dtype("AUTO") == expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert dtypes.fast_compute_dtype("cuda") == torch.float16

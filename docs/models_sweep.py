@@ -652,14 +652,10 @@ def markdown(data: dict, command: str) -> str:
 
 def write_section(path: Path, body: str) -> None:
     """Replace the sweep section of ``path`` (appended when its markers are absent); the rest is kept."""
-    text = path.read_text() if path.is_file() else ""
-    section = f"{START}\n{body}{END}"
-    match = re.search(re.escape(START) + r".*?" + re.escape(END), text, flags=re.S)
-    if match:
-        text = text[: match.start()] + section + text[match.end() :]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    path.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from architecture_worker import write_section as write_between  # the table's writer: one home for both
+
+    write_between(path, START, body, END)
 
 
 def main() -> None:

@@ -136,11 +136,6 @@ def _targets_stack(config: LoRAConfig, module_name: str, stack: str) -> bool:
     return is_skipped(full, list(target)) or is_skipped(module_name, list(target))
 
 
-def module_experts(lora: ExpertLoRA) -> int:
-    """Number of experts an :class:`ExpertLoRA` adapts."""
-    return lora.experts
-
-
 def _peft_swaps(module: nn.Module) -> bool:
     """Whether peft reads this stack the other way round.
 
@@ -170,6 +165,14 @@ def _from_peft(module: nn.Module, a: torch.Tensor, b: torch.Tensor, experts: int
     return ours_a, ours_b
 
 
+def unwrap_peft_key(key: str) -> tuple[str, int]:
+    """A peft module key without the ``.base_layer`` suffixes of nested parameter wrappers, and how many there were."""
+    depth = 0
+    while key.endswith(".base_layer"):
+        key, depth = key.removesuffix(".base_layer"), depth + 1
+    return key, depth
+
+
 def peft_expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The adapted expert stacks as peft saves them, and the ``target_parameters`` that select exactly those.
 
@@ -189,8 +192,8 @@ def peft_expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list
         all_stacks += [f"{name}.{s}" for s in stack_names(module)]
         for i, stack in enumerate(stacks):
             key = name + ".base_layer" * (len(stacks) - 1 - i)
-            a, b = _to_peft(module, adapters[stack].lora_A.detach(), adapters[stack].lora_B.detach(), module_experts(
-                adapters[stack]))
+            lora = adapters[stack]
+            a, b = _to_peft(module, lora.lora_A.detach(), lora.lora_B.detach(), lora.experts)
             tensors[f"{key}.lora_A.weight"] = a.to("cpu").contiguous()
             tensors[f"{key}.lora_B.weight"] = b.to("cpu").contiguous()
             adapted.append(f"{name}.{stack}")
@@ -216,9 +219,7 @@ def load_peft_experts(
     """
     modules = dict(model.named_modules())
     for key, pair in groups.items():
-        name, depth = key, 0
-        while name.endswith(".base_layer"):
-            name, depth = name.removesuffix(".base_layer"), depth + 1
+        name, depth = unwrap_peft_key(key)
         module = modules.get(name)
         stacks = [
             s for s in (stack_names(module) if module is not None else [])

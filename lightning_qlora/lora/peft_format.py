@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.lora.experts import load_peft_experts, peft_expert_tensors
+from lightning_qlora.lora.experts import load_peft_experts, peft_expert_tensors, unwrap_peft_key
 from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, lora_modules, lora_scaling
 from lightning_qlora.quantization.experts import is_experts_module
 from lightning_qlora.quantization.nf4 import is_4bit_linear
@@ -281,7 +281,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     plan: dict[tuple[int, float], list[str]] = {}
     loads: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     modules = dict(model.named_modules())
-    experts = {k: v for k, v in groups.items() if is_experts_module(modules.get(_unwrapped(k), nn.Module()))}
+    experts = {k: v for k, v in groups.items() if is_experts_module(modules.get(unwrap_peft_key(k)[0], nn.Module()))}
     groups = {k: v for k, v in groups.items() if k not in experts}
     missing = [name for name in groups if name not in modules]
     if missing:
@@ -328,13 +328,6 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     if experts:
         load_peft_experts(model, experts, list(cfg.get("target_parameters") or []), result, str(path))
     return result
-
-
-def _unwrapped(key: str) -> str:
-    """A peft module key without the ``.base_layer`` suffixes of nested parameter wrappers."""
-    while key.endswith(".base_layer"):
-        key = key.removesuffix(".base_layer")
-    return key
 
 
 __all__ = ["export_peft", "import_peft", "peft_target_modules"]

@@ -158,6 +158,8 @@ def run_step(
     from lightning_qlora import LoRA
     from lightning_qlora.lora.layer import LoRAConfig
     from lightning_qlora.memory.planner import plan_memory
+    from lightning_qlora.quantization.nf4 import QuantizationConfig
+    from lightning_qlora.utils.dtypes import fast_compute_dtype
     from lightning_qlora.models.causal_lm import CausalLM
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -168,10 +170,12 @@ def run_step(
     config_path = folder / "config.json"
     llama_config(arch).to_json_file(str(config_path))  # the only file: no weights are ever written
     lora = dict(LORA, gradient_checkpointing=True, dtype=adapter_dtype)
+    compute = fast_compute_dtype(device)  # what NF4Precision() and CausalLM's dtype="auto" pick on this device
     plan = plan_memory(
         str(config_path), batch_size, seq_len, lora=LoRAConfig(r=lora["r"], alpha=lora["alpha"],
         dropout=lora["dropout"], dtype=adapter_dtype), optimizer="paged_adamw_32bit", gradient_checkpointing=True,
-        loss_chunk_size=4096, device_type=device,
+        loss_chunk_size=4096, device_type=device, dtype=compute,
+        quantization=QuantizationConfig(compute_dtype=compute),
     )  # fmt: skip
     if device == "cpu" and plan.total > cpu_max_gib * GIB:
         if own_dir:

@@ -148,7 +148,7 @@ def run_ddp(cfg: dict, out: Path, rank: int) -> dict:
     trainer = pl.Trainer(
         **trainer_kwargs(out, strategy=strategy, plugins=[NF4Precision()], callbacks=[lora, record, ckpt, lm_eval])
     )
-    module = CausalLM(model=cfg["model_dir"], dtype="bf16", lr=1e-3)
+    module = CausalLM(model=cfg["model_dir"], lr=1e-3)
     trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2))
     names, base_sums = replica_checksums(module.model)
     if rank == 0:
@@ -184,7 +184,7 @@ def run_ddp_compiled(cfg: dict, out: Path, rank: int) -> dict:
     lora = LoRA(r=8, alpha=16, dropout=0.0, compile_blocks=True)
     kwargs = trainer_kwargs(out, strategy=PagedDDPStrategy(), plugins=[NF4Precision()], callbacks=[lora, record])
     trainer = pl.Trainer(**kwargs, enable_checkpointing=False)
-    module = CausalLM(model=cfg["model_dir"], dtype="bf16", lr=1e-3)
+    module = CausalLM(model=cfg["model_dir"], lr=1e-3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2))
@@ -210,12 +210,12 @@ def run_sharded(cfg: dict, out: Path, rank: int, name: str, make_strategy) -> di
                 out,
                 max_steps=max_steps,
                 strategy=make_strategy(),
-                plugins=[NF4Precision(quant_storage="bf16")],
+                plugins=[NF4Precision(quant_storage="auto")],
                 callbacks=[lora, record, *callbacks],
                 enable_checkpointing=bool(callbacks),
             )
         )
-        module = CausalLM(model=cfg["model_dir"], dtype="bf16", lr=1e-3)
+        module = CausalLM(model=cfg["model_dir"], lr=1e-3)
         trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2), ckpt_path=ckpt_path)
         return trainer, module, record
 

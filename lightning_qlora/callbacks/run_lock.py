@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_qlora.lora.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
-from lightning_qlora.plugins.checkpoint_io import checkpoint_global_step, find_last_checkpoint
+from lightning_qlora.plugins.checkpoint_io import checkpoint_global_step, find_last_checkpoint, remove_cut_off_saves
 from lightning_qlora.utils.atomic import OutputNotWritableError, check_writable, not_writable_message
 
 __all__ = [
@@ -376,6 +376,34 @@ def refuse_untrained_export(max_steps: int, ckpt_path: str | None, exports: list
         f"{reason} and would replace the adapter in {held[0]} with an untrained one; pass --overwrite true to "
         "replace it anyway, choose another folder (LoRA export_dir), or raise --trainer.max_steps"
     )
+
+
+def resolve_resume_last(ckpt_dirs: list[Path]) -> str | None:
+    """What ``ckpt_path="last"`` resumes from, said in our words when there is nothing to resume.
+
+    Lightning treats a missing ``last`` as "start from step 0" (set and forget before a first run), with a hint
+    to set ``save_last=True`` even when it is set. Here: the newest ``last*.ckpt`` in ``ckpt_dirs``; if there is
+    none but a killed run cut off its save, the partial file is removed and the run refused (the user decides);
+    if there is nothing at all, one warning line and ``None`` (start from step 0).
+
+    Args:
+        ckpt_dirs: the checkpoint folders of the run's checkpoint callbacks.
+
+    Raises:
+        ValueError: no complete checkpoint, only a save a killed run cut off.
+    """
+    found = find_last_checkpoint(ckpt_dirs)
+    if found is not None:
+        return found
+    where = ", ".join(str(f) for f in ckpt_dirs)
+    cut_off = [tmp for folder in ckpt_dirs for tmp in remove_cut_off_saves(folder)]
+    if cut_off:
+        raise ValueError(
+            f"--ckpt_path last: no complete checkpoint in {where}: the only save there was cut off by a killed run "
+            f"(removed its partial file {cut_off[0].name}); run without --ckpt_path to start from step 0"
+        )
+    rank_zero_info(f"lightning-qlora: --ckpt_path last: no checkpoint in {where} yet; starting from step 0")
+    return None
 
 
 def check_export_dir(export: Path) -> None:

@@ -154,7 +154,7 @@ class QLoRACLI(LightningCLI):
 
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or _is_sharded_checkpoint(ckpt_path):
             return
         hparams = dict(load_checkpoint_file(ckpt_path).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -241,13 +241,26 @@ def check_fit_outputs(config: Any) -> Any:
         RunDirLockedError: another live run holds ``default_root_dir``.
         OutputNotWritableError: an output folder cannot be created or written.
     """
-    from lightning_qlora.callbacks.run_lock import RunDirLock, check_export_dir, check_writable, refuse_untrained_export
+    from lightning_qlora.callbacks.run_lock import (
+        RunDirLock,
+        check_export_dir,
+        check_writable,
+        refuse_untrained_export,
+        resolve_resume_last,
+    )
 
     trainer = _get(config, "trainer") or {}
+    accumulate = _get(trainer, "accumulate_grad_batches")
+    if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
+        raise ValueError(
+            f"--trainer.accumulate_grad_batches={accumulate!r}: must be a whole number >= 1 (1: no accumulation)"
+        )
     callbacks = _get(trainer, "callbacks") or []
     inits = [_get(c, "init_args") or {} for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
     exports = [Path(str(e)) for e in (_get(i, "export_dir") for i in inits) if e and _is_local(e)]
     ckpt_dirs = [Path(str(d)) for d in (_get(i, "dirpath") for i in inits) if d and _is_local(d)]
+    if _get(config, "ckpt_path") == "last" and ckpt_dirs:
+        config["ckpt_path"] = resolve_resume_last(ckpt_dirs)  # a file, or None: start from step 0
     if not _get(config, "overwrite"):
         max_steps = _get(trainer, "max_steps")
         refuse_untrained_export(-1 if max_steps is None else max_steps, _get(config, "ckpt_path"), exports, ckpt_dirs)
@@ -270,6 +283,12 @@ def check_fit_outputs(config: Any) -> Any:
 def _release_cli_locks() -> None:
     while _CLI_LOCKS:
         _CLI_LOCKS.pop().release()
+
+
+def _is_sharded_checkpoint(path: str) -> bool:
+    """A distributed (FSDP) checkpoint folder: its strategy loads it, there is no single file to read."""
+    folder = Path(path)
+    return folder.is_dir() and ((folder / ".metadata").is_file() or (folder / "meta.pt").is_file())
 
 
 def _get(namespace: Any, key: str) -> Any:

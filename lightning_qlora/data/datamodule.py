@@ -108,8 +108,9 @@ class InstructionDataModule(LightningDataModule):
     """Instruction-tuning data: Alpaca or chat rows, tokenized once, trained on responses only.
 
     Args:
-        path: Training data: a local ``.json`` (list of rows) or ``.jsonl`` file, ``pkg://package/rel/path``
-            for data shipped in an installed package, or a ``datasets`` hub name (``name`` or ``name:split``).
+        path: Training data: a local ``.json`` (list of rows) or ``.jsonl`` file, a folder of them (read in
+            sorted order, each validated as alone), ``pkg://package/rel/path`` for data shipped in an installed
+            package, or a ``datasets`` hub name (``name`` or ``name:split``).
         val_path: Validation data in the same forms; when None, ``val_split`` of ``path`` is held out.
         tokenizer: Tokenizer path or hub id for ``AutoTokenizer.from_pretrained``. When None, ``setup()`` uses
             ``trainer.lightning_module.tokenizer`` unless :meth:`connect` was called.

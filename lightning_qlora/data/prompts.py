@@ -53,8 +53,13 @@ class RowSource:
     lines: list[int] | None = None  # JSONL line numbers (1-based) per row
     zero_based: bool = False
 
+    parts: list[tuple[int, RowSource]] | None = None  # a folder: (first row, source) per file, in order
+
     def where(self, i: int) -> str:
         """Name row ``i`` (0-based position in the parsed rows)."""
+        if self.parts is not None:
+            start, part = next((s, p) for s, p in reversed(self.parts) if s <= i)
+            return part.where(i - start)
         if self.lines is not None:
             return f"{self.name} line {self.lines[i]}"
         return f"{self.name} {'index' if self.zero_based else 'row'} {i if self.zero_based else i + 1}"
@@ -100,7 +105,7 @@ def _read_text(read: Callable[[], str], name: str) -> str:
 
 
 def read_rows(path: str) -> tuple[list[Any], RowSource]:
-    """Read raw rows from a local file, a ``pkg://package/relative/path`` resource or a ``datasets`` hub name.
+    """Read raw rows from a local file or folder of files, a ``pkg://package/relative/path`` resource or a hub name.
 
     Hub names may carry a split as ``name:split`` (default ``train``); they are only tried when ``path`` is
     not an existing local file and does not look like one.
@@ -130,6 +135,8 @@ def read_rows(path: str) -> tuple[list[Any], RowSource]:
         return _parse_text(_read_text(lambda: resource.read_text(encoding="utf-8-sig"), path), path, suffix)
     local = Path(os.path.expanduser(path))
     suffix = local.suffix.lower()
+    if local.is_dir():
+        return _read_folder(local, path)
     if local.exists() and (local.is_file() or suffix in _FILE_SUFFIXES):
         if suffix not in _FILE_SUFFIXES:
             raise DataError(f"{path}: unsupported file type '{suffix}'; use .json (a list of rows) or .jsonl")
@@ -137,6 +144,36 @@ def read_rows(path: str) -> tuple[list[Any], RowSource]:
     if not local.exists() and (suffix in _LOOKS_LIKE_FILE or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise DataError(f"{path}: file not found (relative paths start at {os.getcwd()}); check the path")
     return _load_hub(path)
+
+
+def _read_folder(folder: Path, path: str) -> tuple[list[Any], RowSource]:
+    """Every ``.json``/``.jsonl`` file under ``folder`` (sorted), each read and validated as it would be alone.
+
+    Hidden files and README/LICENSE files are skipped; any other data file (``.csv``, ``.parquet``, ...) is refused
+    as it would be alone, rather than merged through ``datasets`` with its own type guessing.
+    """
+    files = sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+        and not f.name.upper().startswith(("README", "LICENSE"))
+    )  # fmt: skip
+    for file in files:
+        if file.suffix.lower() not in _FILE_SUFFIXES:
+            raise DataError(
+                f"{path}: folder holds {file.relative_to(folder)}, an unsupported file type; keep only .json/.jsonl "
+                "files in it, or point to one file"
+            )
+    if not files:
+        raise DataError(f"{path}: folder has no .json or .jsonl files; point to a data file or a folder of them")
+    rows: list[Any] = []
+    parts: list[tuple[int, RowSource]] = []
+    for file in files:
+        name = str(file)
+        part_rows, source = _parse_text(_read_text(lambda f=file: f.read_text(encoding="utf-8-sig"), name), name,
+                                        file.suffix.lower())  # fmt: skip
+        parts.append((len(rows), source))
+        rows.extend(part_rows)
+    return rows, RowSource(path, parts=parts)
 
 
 def _load_hub(spec: str) -> tuple[list[Any], RowSource]:

@@ -141,13 +141,18 @@ class LMEvalCallback(Callback):
         return self._generate_state_key(tasks=self._tasks_as_given, num_fewshot=self.num_fewshot)
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointed state: the last evaluated step and its metrics."""
-        return {"last_eval_step": self._last_eval_step, "last_metrics": dict(self.last_metrics)}
+        """Checkpointed state: the last evaluated step, its metrics, and every evaluation so far (step 0's too)."""
+        return {
+            "last_eval_step": self._last_eval_step,
+            "last_metrics": dict(self.last_metrics),
+            "history": [[step, dict(metrics)] for step, metrics in self.history],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from a checkpoint."""
+        """Restore from a checkpoint: a resumed run's summary still compares against the first evaluation."""
         self._last_eval_step = state_dict.get("last_eval_step")
         self.last_metrics = dict(state_dict.get("last_metrics") or {})
+        self.history = [(int(step), dict(metrics)) for step, metrics in state_dict.get("history") or []]
 
     def summary_rows(self) -> dict[str, str]:
         """Accuracy of each task at the first and last evaluation, for :class:`~lightning_qlora.RunSummary`."""

@@ -315,6 +315,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
             plan.setdefault((rank, alpha), []).append(name)
         loads.append((name, a, b))
 
+    before = {id(m) for m in model.modules()}
     for (rank, alpha), names in plan.items():
         sub = LoRAConfig(
             r=rank, alpha=alpha, dropout=result.dropout, target_modules=names, use_rslora=use_rslora, head_modules=[]
@@ -327,7 +328,20 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
             layer.lora_B.copy_(b.to(layer.lora_B.dtype))
     if experts:
         load_peft_experts(model, experts, list(cfg.get("target_parameters") or []), result, str(path))
+    _follow_parent_mode(model, before)
     return result
+
+
+def _follow_parent_mode(model: nn.Module, old: set[int]) -> None:
+    """Give modules not in ``old`` (by id) the train/eval mode of their nearest old ancestor: no dropout in eval."""
+    named = dict(model.named_modules())
+    for name, module in named.items():
+        if id(module) in old:
+            continue
+        parent = name
+        while parent and id(named[parent]) not in old:
+            parent = parent.rpartition(".")[0]
+        module.training = named[parent].training
 
 
 __all__ = ["export_peft", "import_peft", "peft_target_modules"]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
+from lightning_qlora.memory.moe import plan_moe_layers
 from lightning_qlora.memory.parameters import quantized_stacks, unquantized_kinds
 from lightning_qlora.memory.storage_bytes import code_table_bytes, optimizer_bytes, quantized_bytes
 from lightning_qlora.quantization.nf4 import QuantizationConfig
@@ -314,9 +315,15 @@ def plan_memory(
     shared_inputs = e * h * len(groups & {"attn_in", "mlp_in"}) + (e * inter if "mlp_mid" in groups else 0)
     # two RMSNorms (fp32 copy + rsqrt), SDPA's q, k, v, output (the o_proj input) and log-sum-exp, SiLU in/out, up
     sdpa = c * (2 * q_dim + 2 * kv_dim) + 4 * heads
-    per_layer = 2 * (4 * h + 4) + sdpa + 3 * e * inter + shared_inputs + lora_saved
+    moe = plan_moe_layers(net, text, adapters=True, r=lora.r, act=e, compute=c, master=a_item)
+    attn_layer = 2 * (4 * h + 4) + sdpa + shared_inputs + lora_saved
+    dense_layers = layers - moe.layers
+    per_dense, per_moe = attn_layer + 3 * e * inter, attn_layer + moe.per_token + 3 * e * moe.shared_inter
+    per_layer = max(per_dense if dense_layers else 0, per_moe if moe.layers else 0)  # the layer a backward redoes
+    all_layers = dense_layers * per_dense + moe.layers * per_moe
     first_norm = (4 * h + 4) * batch_size * seq_len  # layer 0's input needs no gradient: its norm keeps nothing
     cast_layer = a_params * c // max(layers, 1) if a_item != c and not fused else 0  # autocast copies of A, B
+    cast_layer += moe.per_layer  # the experts' adapters, cast once per expert
     grads_layer = a_bytes // max(layers, 1)
     # backward of the widest layer: grad from W0, from the adapter, their sum (or SiLU·up's three gradients)
     widest = max((i for _, i, _ in layer0), default=inter)
@@ -338,8 +345,8 @@ def plan_memory(
         A layer's gradients appear as its saved activations are freed, so each layer phase counts the gradients of
         the layers done before it only.
         """
-        saved = layers * ckpt if checkpointing else layers * per_layer * tokens - first_norm
-        casts = cast_layer * layers
+        saved = layers * ckpt if checkpointing else all_layers * tokens - first_norm
+        casts = cast_layer * layers - moe.per_layer * dense_layers
         one = per_layer * tokens + cast_layer + temps * tokens
         return [
             (saved + head_saved + loss_fwd + casts + fixed, 0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_qlora.models.sources import ModelSourceError, load_causal_lm, resolve_model_dir
+from lightning_qlora.models.sources import ModelSourceError, load_causal_lm, resolve_model_dir, safetensors_files
 from lightning_qlora.quantization.nf4 import QuantizationConfig
 from lightning_qlora.utils.dtypes import to_dtype
 from lightning_qlora.utils.errors import first_line
@@ -28,8 +29,8 @@ class CausalLM(pl.LightningModule):
     Args:
         model: model source (see :func:`lightning_qlora.models.sources.resolve_model_dir`).
         tokenizer: tokenizer source (default: the model's own).
-        dtype: dtype of the unquantized parameters (embeddings, norms, head): ``bf16``, ``fp16``, ``fp32`` or
-            ``auto`` (bf16 where the device computes it natively, else fp16 on GPUs and fp32 on CPUs).
+        dtype: dtype of the unquantized parameters (embeddings, norms, head): ``auto`` (default: bf16 where the
+            device computes it natively, else fp16 on GPUs and fp32 on CPUs), ``bf16``, ``fp16`` or ``fp32``.
         lr: learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -52,7 +53,7 @@ class CausalLM(pl.LightningModule):
         self,
         model: str,
         tokenizer: str | None = None,
-        dtype: str = "bf16",
+        dtype: str = "auto",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -93,6 +94,9 @@ class CausalLM(pl.LightningModule):
             from transformers import AutoTokenizer
 
             source: Any = self.tokenizer_source or self.model_dir
+            if self.tokenizer_source is None and self.hparams.get("init", "checkpoint") == "checkpoint":
+                if Path(source).is_dir():
+                    safetensors_files(Path(source))  # config.json alone: blame the weights, not the tokenizer
             if str(source).endswith(".gguf") or str(source).startswith("pkg://"):
                 source = resolve_model_dir(source, self.hparams.cache_dir)  # GGUF conversions carry the tokenizer
             try:

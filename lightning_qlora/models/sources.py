@@ -30,7 +30,7 @@ from lightning_qlora.quantization.loading import (
     materialize_random,
 )
 from lightning_qlora.quantization.nf4 import QuantizationConfig
-from lightning_qlora.utils.atomic import fsync_path
+from lightning_qlora.utils.atomic import fsync_path, is_disk_full
 from lightning_qlora.utils.dtypes import default_dtype
 from lightning_qlora.utils.errors import first_line
 
@@ -122,10 +122,18 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16, **_gguf_dequantize_kwargs()
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16, **_gguf_dequantize_kwargs()
+            )
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # transformers' GGUF reader raises struct.error, ValueError, ... on damaged files
+            if isinstance(err, OSError) and is_disk_full(err):
+                raise
+            problem = _gguf_problem(gguf_file) or first_line(err, 200)
+            raise ModelSourceError(f"GGUF file {gguf_file} cannot be converted: {problem}") from None
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:  # weights are plain tensors now; drop the GGUF loader so save_pretrained accepts it
             quantizer.remove_quantization_config(model)
@@ -137,6 +145,23 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _gguf_problem(gguf_file: Path) -> str | None:
+    """Why a GGUF file is unreadable, by gguf's own reader (header, tensor table, data size); None if it reads."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(gguf_file)
+    except ImportError:
+        return None
+    except Exception as err:
+        return f"it is truncated or not a GGUF file ({first_line(err, 120)}); re-download it"
+    needed = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    size = gguf_file.stat().st_size
+    if needed > size:
+        return f"it is truncated ({size:,} bytes, its tensors need {needed:,}); re-download it"
+    return None
 
 
 def _gguf_dequantize_kwargs() -> dict[str, Any]:
@@ -165,7 +190,12 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise ModelSourceError(f"{model_dir} has no model.safetensors; convert the checkpoint to safetensors first")
+    if any(model_dir.glob("pytorch_model*.bin")):
+        raise ModelSourceError(f"{model_dir} has no model.safetensors; convert the checkpoint to safetensors first")
+    raise ModelSourceError(
+        f"model folder {model_dir} has no weights (no model.safetensors or model.safetensors.index.json); copy the "
+        "whole checkpoint folder, or set init=random for a randomly initialised model"
+    )
 
 
 def load_config(source: Any, trust_remote_code: bool = False) -> Any:

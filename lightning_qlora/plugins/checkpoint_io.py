@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -123,8 +124,19 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
         CheckpointLoadError: if it cannot be read.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt"))
+        hint = f"pass a file in it, such as {found[-1]}" if found else "pass a .ckpt file"
+        if (path / "adapter_config.json").is_file():
+            hint = "it is a PEFT adapter: load it with `evaluate --adapter` or `import_peft`, or pass a .ckpt file"
+        raise CheckpointLoadError(f"checkpoint {path} is a folder, not a checkpoint file; {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing .ckpt file or ckpt_path=last")
+    if _is_safetensors(path):
+        raise CheckpointLoadError(
+            f"checkpoint {path} is a safetensors file (model or adapter weights), not a Lightning checkpoint; pass a "
+            "ResumableCheckpoint .ckpt, or its folder to `evaluate --adapter` if it is a PEFT adapter"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
@@ -146,6 +158,47 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
             f"checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict"
         )
     return checkpoint
+
+
+def remove_cut_off_saves(folder: Path, pattern: str = "last*.ckpt") -> list[Path]:
+    """Delete temp files of saves to ``folder/<pattern>`` whose writer process is gone (a save a kill cut off).
+
+    Temp names carry the writer's pid (``.<name>.tmp-<pid>-<random>``); those of a live process are kept.
+
+    Args:
+        folder: a checkpoint folder.
+        pattern: the checkpoint names whose temp files to look for.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".{pattern}{TEMP_MARK}*"):
+        pid = re.match(rf".*{re.escape(TEMP_MARK)}(\d+)-", tmp.name)
+        if pid and not _process_alive(int(pid.group(1))):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not saving while it resolves a checkpoint to resume
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Safetensors files start with an 8-byte little-endian header length and then a JSON object."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def checkpoint_global_step(path: _PATH) -> int | None:

@@ -41,9 +41,9 @@ class NF4Precision(Precision):
     Args:
         quant_type: ``"nf4"`` (QLoRA) or ``"fp4"`` (ablation).
         double_quant: quantize the block constants to 8 bits (≈4.127 instead of 4.5 bits per parameter).
-        compute_dtype: dtype of the on-the-fly dequantized weights and of autocast: ``bf16`` (default), ``fp16``,
-            ``fp32`` (slow on GPUs, warns), or ``auto``: bf16 on GPUs and CPUs that compute it natively, fp16 on GPUs
-            without bf16, fp32 on CPUs that only emulate bf16 (about 40× slower there).
+        compute_dtype: dtype of the on-the-fly dequantized weights and of autocast: ``auto`` (default): bf16
+            (the paper's) on GPUs and CPUs that compute it natively, fp16 on GPUs without bf16, fp32 on CPUs that only
+            emulate bf16 (about 40× slower there); or ``bf16``, ``fp16``, ``fp32`` (slow on GPUs, warns).
         blocksize: weights per absmax block (64 in the paper).
         quant_storage: dtype the packed 4-bit codes are stored in (``uint8``; the compute dtype for FSDP).
         skip_modules: layer names kept in full precision (default: output heads such as ``lm_head``/``output``).
@@ -60,7 +60,7 @@ class NF4Precision(Precision):
         self,
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
-        compute_dtype: DTypeLike = "bf16",
+        compute_dtype: DTypeLike = "auto",
         blocksize: int = 64,
         quant_storage: DTypeLike = "uint8",
         skip_modules: list[str] | None = None,

@@ -25,6 +25,7 @@ from lightning_qlora.callbacks.run_lock import (
     RunDirLock,
     RunDirLockedError,
     check_writable,
+    resolve_resume_last,
 )
 
 HOLD = textwrap.dedent(
@@ -205,3 +206,25 @@ def test_check_writable_names_a_read_only_folder(read_only_dir):
         check_writable(read_only_dir / "adapter", "LoRA export_dir")
     with pytest.raises(OutputNotWritableError, match=f"default_root_dir {read_only_dir} is not writable"):
         RunDirLock(read_only_dir).acquire()
+
+
+def test_resume_last_finds_the_newest_complete_checkpoint_or_says_why_not(tmp_path, caplog):
+    """`--ckpt_path last`: the newest last*.ckpt; none yet: start from step 0 (one line); a cut-off save: refused."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    with caplog.at_level(logging.INFO):
+        assert resolve_resume_last([folder]) is None
+    assert f"--ckpt_path last: no checkpoint in {folder} yet; starting from step 0" in caplog.text
+    live = folder / f".last.ckpt.tmp-{os.getppid()}-abc"  # a save in progress in a live process is left alone
+    live.write_bytes(b"PK")
+    assert resolve_resume_last([folder]) is None and live.exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cut = folder / f".last.ckpt.tmp-{gone.stdout.strip()}-def"
+    cut.write_bytes(b"PK")
+    with pytest.raises(ValueError, match=r"the only save there was cut off by a killed run \(removed its partial"):
+        resolve_resume_last([folder])
+    assert not cut.exists() and live.exists()
+    (folder / "last.ckpt").write_bytes(b"x")
+    (folder / "last-v1.ckpt").write_bytes(b"y")
+    os.utime(folder / "last.ckpt", (1, 1))
+    assert resolve_resume_last([folder]) == str(folder / "last-v1.ckpt")

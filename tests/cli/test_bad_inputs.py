@@ -68,6 +68,7 @@ def protected(work: Path) -> dict[str, str]:
 
 
 MOUNTS: list[Path] = []
+CLEANED: list[Path] = []  # partial files a case expects the run to remove
 HOLDERS: list[subprocess.Popen] = []
 
 
@@ -288,6 +289,44 @@ def safetensors_with_wrong_shapes(w):
     return ["fit", "--config", recipe(w), f"--model.init_args.model={model}"], "q_proj"
 
 
+def gguf_truncated(w):
+    import gguf
+
+    whole = w / "cases" / "whole.gguf"
+    whole.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(whole), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_tensor("token_embd.weight", torch.zeros(32, 64).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = write(w / "cases" / "cut.gguf", whole.read_bytes()[:-3000])  # the tensor data is cut off
+    must_name = "cut.gguf cannot be converted: it is truncated"
+    return ["fit", "--config", recipe(w), f"--model.init_args.model={path}"], must_name
+
+
+def model_dir_with_config_only(w):
+    model = w / "cases" / "config-only"
+    model.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(w / "model" / "config.json", model / "config.json")
+    return ["fit", "--config", recipe(w), f"--model.init_args.model={model}"], f"model folder {model} has no weights"
+
+
+def data_path_is_a_folder_with_a_bad_file(w):
+    folder = w / "cases" / "data-folder"
+    shutil.copy2(w / "rows.jsonl", write(folder / "a.jsonl", ""))
+    write(folder / "b.jsonl", json.dumps({"instruction": 123, "input": "", "output": "x"}) + "\n")
+    return ["fit", "--config", recipe(w), f"--data.init_args.path={folder}"], "b.jsonl line 1"
+
+
+def data_path_is_a_folder_of_csv(w):
+    folder = w / "cases" / "csv-folder"
+    write(folder / "rows.csv", "instruction,output\nRepeat 1.,1 1.\n")
+    return ["fit", "--config", recipe(w), f"--data.init_args.path={folder}"], "rows.csv, an unsupported file type"
+
+
 def gguf_that_is_not_gguf(w):
     path = write(w / "cases" / "fake.gguf", b"not a gguf file at all")
     return ["fit", "--config", recipe(w), f"--model.init_args.model={path}"], "fake.gguf"
@@ -336,6 +375,33 @@ def checkpoint_truncated(w):
     data = (w / "ckpts" / "last.ckpt").read_bytes()
     path = write(w / "cases" / "truncated.ckpt", data[: len(data) // 3])
     return ["fit", "--config", recipe(w), f"--ckpt_path={path}"], "truncated.ckpt"
+
+
+def checkpoint_path_is_a_folder(w):
+    return ["fit", "--config", recipe(w), f"--ckpt_path={w / 'ckpts'}"], "is a folder, not a checkpoint file"
+
+
+def checkpoint_path_is_an_adapter_file(w):
+    path = w / "adapter" / "adapter_model.safetensors"
+    return ["fit", "--config", recipe(w), f"--ckpt_path={path}"], "adapter_model.safetensors is a safetensors file"
+
+
+def resume_last_after_a_cut_off_first_save(w):
+    folder = w / "cases" / "cut-off-ckpts"
+    shutil.rmtree(folder, ignore_errors=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    partial = write(folder / f".last.ckpt.tmp-{gone.stdout.strip()}-x1y2", b"PK\x03\x04 half a checkpoint")
+
+    def edit(c):
+        elsewhere(w, "cut-off")(c)
+        callback(c, "ResumableCheckpoint")["init_args"]["dirpath"] = str(folder)
+
+    CLEANED.append(partial)
+    return ["fit", "--config", recipe(w, edit), "--ckpt_path=last"], "the only save there was cut off by a killed run"
+
+
+def accumulate_grad_batches_zero(w):
+    return ["fit", "--config", recipe(w), "--trainer.accumulate_grad_batches=0"], "accumulate_grad_batches=0"
 
 
 def checkpoint_not_a_checkpoint(w):
@@ -472,7 +538,10 @@ CASES = [
     unsupported_blocksize, unknown_compute_dtype, unknown_optimizer, data_file_missing, data_file_empty,
     data_broken_json_row, data_row_missing_output, data_row_wrong_type, data_json_not_a_list,
     data_val_split_too_large, data_unknown_format, model_dir_missing, model_dir_without_config,
-    model_config_not_json, truncated_safetensors, safetensors_with_wrong_shapes, gguf_that_is_not_gguf,
+    model_config_not_json, model_dir_with_config_only, truncated_safetensors, safetensors_with_wrong_shapes,
+    gguf_that_is_not_gguf, gguf_truncated, data_path_is_a_folder_with_a_bad_file, data_path_is_a_folder_of_csv,
+    checkpoint_path_is_a_folder, checkpoint_path_is_an_adapter_file, resume_last_after_a_cut_off_first_save,
+    accumulate_grad_batches_zero,
     evaluate_adapter_missing, evaluate_adapter_wrong_shapes, evaluate_adapter_config_broken, evaluate_unknown_task,
     evaluate_mmlu_path_missing, checkpoint_missing, checkpoint_truncated, checkpoint_not_a_checkpoint,
     checkpoint_with_pickled_code, checkpoint_from_another_base, checkpoint_from_a_merged_base,
@@ -498,3 +567,5 @@ def test_bad_input_is_one_line_naming_it_and_overwrites_nothing(case, work, monk
     assert must_name in lines[0], lines[0]
     assert len(lines[0]) < 600
     assert protected(work) == before
+    while CLEANED:
+        assert not CLEANED.pop().exists(), "the partial file a killed save left is still there"

@@ -145,7 +145,7 @@ def test_parse_recipe_returns_fits_config(recipe_dict, write):
     from lightning_qlora.cli.memory import parse_recipe
 
     config = parse_recipe(["--config", str(write(recipe_dict)), "--trainer.devices=3"])
-    assert int(config.trainer.devices) == 3 and config.model.init_args.dtype == "bf16"  # CausalLM's default
+    assert int(config.trainer.devices) == 3 and config.model.init_args.dtype == "auto"  # CausalLM's default
     assert config.trainer.callbacks[0].init_args.dropout == 0.1 and config.budget is None
 
 

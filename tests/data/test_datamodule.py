@@ -355,6 +355,26 @@ def test_pkg_resource_path(tiny_tokenizer):
     assert 0 < stats["truncated"] < 503  # long answers are cut at max_length
 
 
+def test_folder_is_its_files_in_order_each_validated_alone(tiny_tokenizer, tmp_path):
+    """A folder reads as its .json/.jsonl files (sorted, README skipped); a bad row is named by its file and line."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "b.jsonl", [ADD])
+    (tmp_path / "data" / "a.json").write_text(json.dumps([FRANCE, SHORT]))
+    (tmp_path / "data" / "README.md").write_text("# my data")
+    dm = InstructionDataModule(str(tmp_path / "data"), val_path=str(tmp_path / "data" / "b.jsonl"))
+    dm.connect(tiny_tokenizer).setup()
+    alone = InstructionDataModule(str(tmp_path / "data" / "a.json"), val_path=str(tmp_path / "data" / "b.jsonl"))
+    alone.connect(tiny_tokenizer).setup()
+    assert [ex["input_ids"] for ex in dm.train_dataset][:2] == [ex["input_ids"] for ex in alone.train_dataset]
+    assert dm.stats()["train_rows"] == 3
+    write_jsonl(tmp_path / "data" / "c.jsonl", [FRANCE, {"instruction": 123, "output": "x"}])
+    with pytest.raises(DataError, match=r"data/c\.jsonl line 2: "):
+        InstructionDataModule(str(tmp_path / "data"), val_split=1).connect(tiny_tokenizer).setup()
+    with pytest.raises(DataError, match="folder has no .json or .jsonl files"):
+        (tmp_path / "empty").mkdir()
+        InstructionDataModule(str(tmp_path / "empty")).connect(tiny_tokenizer).setup()
+
+
 def test_tokenizer_by_path_and_missing(tiny_tokenizer_dir, tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [FRANCE, ADD])
     dm = InstructionDataModule(str(path), val_path=str(path), tokenizer=str(tiny_tokenizer_dir))
@@ -470,7 +490,7 @@ def test_bad_input_other_sources(tiny_tokenizer, tmp_path):
         InstructionDataModule("pkg://zaragoza_construction_faq/data/nope.jsonl").prepare_data()
     folder = tmp_path / "folder.jsonl"
     folder.mkdir()
-    with pytest.raises(DataError, match=r"folder.jsonl: cannot read file \("):
+    with pytest.raises(DataError, match=r"folder.jsonl: folder has no .json or .jsonl files"):
         InstructionDataModule(str(folder)).prepare_data()
     with pytest.raises(DataError, match=r"^data/train.jsonl: file not found"):
         InstructionDataModule("data/train.jsonl").prepare_data()

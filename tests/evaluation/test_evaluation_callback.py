@@ -150,3 +150,24 @@ def test_state_roundtrip_and_unique_state_keys():
     c = LMEvalCallback(tasks=["mmlu"], num_fewshot=5)
     c.load_state_dict(a.state_dict())
     assert c.state_key == a.state_key and c._last_eval_step == 500 and c.last_metrics == a.last_metrics
+
+
+def test_resumed_summary_still_compares_with_step_0():
+    """The first evaluation travels in the checkpoint: after a resume, "before" is step 0's, not the resume step's."""
+    key = f"lm_eval/{DEMO_TASK}/acc"
+    first = LMEvalCallback(tasks=[DEMO_TASK])
+    first.history = [(0, {key: 0.25}), (20, {key: 0.30})]
+    first._last_eval_step, first.last_metrics = 20, {key: 0.30}
+    resumed = LMEvalCallback(tasks=[DEMO_TASK])
+    resumed.load_state_dict(torch.load(_saved(first.state_dict()), weights_only=True))  # as a checkpoint holds it
+    resumed.history.append((40, {key: 0.35}))
+    assert resumed.summary_rows() == {f"lm-eval {DEMO_TASK} acc": "0.250 (step 0) -> 0.350 (step 40)"}
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

@@ -172,6 +172,18 @@ def test_import_adapter_saved_by_peft(base, ids, tmp_path, safe):
     torch.testing.assert_close(logits(ours.eval(), ids), logits(theirs.eval(), ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_import_keeps_the_model_mode(base, ids, tmp_path, training):
+    """Adapters imported into an eval model are in eval mode too: dropout off, two forwards agree exactly."""
+    config = LoRAConfig(r=8, alpha=16, dropout=0.5)
+    export_peft(lora_model(base, config), tmp_path, config)
+    fresh = copy.deepcopy(base).train(training)
+    import_peft(fresh, tmp_path)
+    assert {m.training for m in fresh.modules()} == {training}
+    if not training:
+        torch.testing.assert_close(logits(fresh, ids), logits(fresh, ids), atol=0, rtol=0)
+
+
 def test_adapter_dtype_is_kept_on_export(base, ids, tmp_path):
     config = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], dtype="bf16")
     model = lora_model(base, config)

@@ -188,7 +188,7 @@ def test_config_json_resolves_as_a_source(tmp_path):
 
     tiny_llama_config().save_pretrained(tmp_path)
     assert resolve_model_dir(tmp_path / "config.json") == tmp_path / "config.json"
-    with pytest.raises(ModelSourceError, match="has no model.safetensors"):
+    with pytest.raises(ModelSourceError, match="has no weights"):
         load_causal_lm(tmp_path, QuantizationConfig())
 
 

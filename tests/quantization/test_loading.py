@@ -64,7 +64,8 @@ def reference():
 
 
 def test_init_module_builds_empty_shells_then_quantizes_each_loaded_weight(reference):
-    trainer = L.Trainer(plugins=[NF4Precision()], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    plugin = NF4Precision(compute_dtype="bf16")
+    trainer = L.Trainer(plugins=[plugin], logger=False, enable_progress_bar=False, enable_model_summary=False)
     with trainer.init_module(empty_init=True):
         model = LlamaForCausalLM(tiny_llama_config())
 
@@ -146,7 +147,7 @@ def test_checkpoint_loads_through_transformers_with_every_weight_quantized_on_ar
 
 def test_tied_head_stays_tied_and_unquantized_on_load(tmp_path):
     reference = build_tiny_llama(tie_word_embeddings=True)
-    plugin = NF4Precision()
+    plugin = NF4Precision(compute_dtype="bf16")
     with plugin.module_init_context():
         model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -177,7 +178,7 @@ def test_tied_head_stays_tied_and_unquantized_on_load(tmp_path):
 def test_prequantized_state_dict_keeps_its_bits(reference):
     source = build_tiny_llama()
     quantize_model(source)
-    plugin = NF4Precision()
+    plugin = NF4Precision(compute_dtype="bf16")  # quantize_model's default compute dtype
     with plugin.module_init_context():
         model = LlamaForCausalLM(tiny_llama_config())
     model.load_state_dict(source.state_dict())

@@ -26,6 +26,7 @@ from lightning_qlora.quantization.nf4 import (
 )
 from lightning_qlora.quantization.nf4_linear import NF4Linear
 from lightning_qlora.quantization.shells import quantize_model
+from lightning_qlora.utils.dtypes import fast_compute_dtype
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -79,7 +80,7 @@ def test_nf4precision_replaces_every_linear_but_the_head():
         assert isinstance(layer, NF4Linear) and isinstance(layer, bnb.nn.Linear4bit)
         assert layer.weight.quant_type == "nf4" and layer.weight.blocksize == 64
         assert layer.weight.compress_statistics is True and layer.weight.quant_state.nested
-        assert layer.compute_dtype == torch.bfloat16 and layer.weight.dtype == torch.uint8
+        assert layer.compute_dtype == fast_compute_dtype("cpu") and layer.weight.dtype == torch.uint8  # "auto"
         assert torch.equal(layer.bias, getattr(reference, name).bias)
         assert_same_quantization(layer, getattr(reference, name).weight.data, plugin.config)
     assert type(model.output) is nn.Linear  # the head by name
@@ -195,9 +196,10 @@ def test_fp32_compute_warns_and_bad_options_fail():
 
 
 def test_precision_names_follow_options():
+    assert NF4Precision().config.compute_dtype == fast_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
     assert NF4Precision().precision == "nf4-dq"
     assert NF4Precision(quant_type="fp4", double_quant=False).precision == "fp4"
-    assert NF4Precision().config.describe() == {
+    assert NF4Precision(compute_dtype="bf16").config.describe() == {
         "quant_type": "nf4",
         "double_quant": True,
         "blocksize": 64,

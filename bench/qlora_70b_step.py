@@ -158,9 +158,9 @@ def run_step(
     from lightning_qlora import LoRA
     from lightning_qlora.lora.layer import LoRAConfig
     from lightning_qlora.memory.planner import plan_memory
+    from lightning_qlora.models.causal_lm import CausalLM
     from lightning_qlora.quantization.nf4 import QuantizationConfig
     from lightning_qlora.utils.dtypes import fast_compute_dtype
-    from lightning_qlora.models.causal_lm import CausalLM
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; pass --device cpu with tiny dims to test")

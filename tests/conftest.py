@@ -187,3 +187,122 @@ def _skip_env_report(monkeypatch):
     import lm_eval.evaluator
 
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+
+
+class Forked:
+    """A real child process running ``target()`` in a fork of this one (a ``subprocess.Popen`` look-alike).
+
+    Tests that need many processes (kill -9 and resume) fork instead of starting fresh interpreters: the child has
+    torch, Lightning and transformers imported already (a fresh ``import lightning`` costs about 10 s of CPU on the
+    2-core CI machine). Its stdout and stderr go to files; it runs torch single-threaded, as the workers did under
+    ``OMP_NUM_THREADS=1`` (a thread pool forked mid-use is not safe to reuse).
+    """
+
+    def __init__(self, target, out_dir: Path, name: str, cwd: Path | None = None) -> None:
+        import sys
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = out_dir / f"{name}.out", out_dir / f"{name}.err"
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid:
+            return
+        code = 0
+        try:  # the child: never returns into pytest
+            for fd, path in ((1, self.stdout_path), (2, self.stderr_path)):
+                handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(handle, fd)
+                os.close(handle)
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # the interpreter's own, on fds 1 and 2
+            _log_handlers_to(sys.stderr)
+            torch.set_num_threads(1)
+            if cwd is not None:
+                os.chdir(cwd)
+            target()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if not isinstance(exit_.code, int) and exit_.code is not None:
+                print(exit_.code, file=sys.stderr)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float = 300) -> int:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"forked child {self.pid} still running after {timeout} s")
+            time.sleep(0.05)
+        return self.returncode
+
+    def kill(self) -> None:
+        import signal
+
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait(30)
+
+    def output(self, timeout: float = 300):
+        """Wait, then ``CompletedProcess(args, returncode, stdout, stderr)``."""
+        import subprocess
+
+        code = self.wait(timeout)
+        return subprocess.CompletedProcess([self.pid], code, self.stdout_path.read_text(), self.stderr_path.read_text())
+
+
+def hold_run_lock(folder: Path, out_dir: Path) -> Forked:
+    """A live process (a fork) holding ``folder``'s run lock until killed; returns once the lock is held."""
+    import json
+    import time
+
+    from lightning_qlora.callbacks.run_lock import LOCK_NAME, RunDirLock
+
+    def hold() -> None:
+        RunDirLock(folder).acquire()
+        time.sleep(300)
+
+    child = Forked(hold, out_dir, f"lock-holder-{os.getpid()}-{time.monotonic_ns()}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((Path(folder) / LOCK_NAME).read_text())["pid"] == child.pid:
+                return child
+        except (OSError, ValueError, KeyError):
+            pass
+        if child.poll() is not None:
+            raise AssertionError(f"the lock holder exited ({child.returncode}): {child.stderr_path.read_text()}")
+        time.sleep(0.02)
+    child.kill()
+    raise AssertionError(f"the lock holder did not take {folder} within 60 s")
+
+
+def _log_handlers_to(stream) -> None:
+    """Point every logging stream handler (Lightning's, pytest's capture) at ``stream``, as in a fresh process."""
+    import logging
+
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if type(handler).__module__.startswith("_pytest"):  # pytest's capture: nothing reads it in a child
+                logger.removeHandler(handler)
+            elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(stream)

@@ -97,7 +97,7 @@ def main(spec_path: str) -> None:
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         gradient_clip_val=0.3,
-        plugins=[NF4Precision(compute_dtype="bf16")],
+        plugins=[NF4Precision()],
         strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
         callbacks=callbacks,
         logger=False,

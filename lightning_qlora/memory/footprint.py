@@ -95,13 +95,13 @@ def measure_footprint(model: nn.Module) -> Footprint:
     """Count the bytes of ``model`` by kind (shared tensors are counted once).
 
     4-bit tensors are every bitsandbytes ``Params4bit`` (linear weights and expert stacks), counted by their logical
-    shape; full-precision matmul weights are those of linear-like layers and 3-D expert stacks, the head excluded.
+    shape; full-precision matmul weights are those of linear-like layers, 3-D expert stacks and any other matrix
+    (:func:`is_matrix`) but embeddings, the head excluded.
     """
     bnb = bitsandbytes()
-    root = model if hasattr(model, "get_output_embeddings") else model_root(model)  # a LightningModule: its network
-    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    head_ids = _head_ids(model)
     matmul_ids = {id(m.weight) for m in model.modules() if is_linear_like(m) and isinstance(m.weight, torch.Tensor)}
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     seen: set[int] = set()
     shared_tables: set[int] = set()
     q_params = q_bytes = u_params = u_bytes = a_params = a_bytes = fp_matmul = 0
@@ -120,6 +120,47 @@ def measure_footprint(model: nn.Module) -> Footprint:
             u_params += param.numel()
             u_bytes += _tensor_bytes(param)
             is_stack = param.dim() == 3 and name.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
-            if (id(param) in matmul_ids or is_stack) and id(param) not in head_ids:
+            counted = id(param) in matmul_ids or is_stack or (is_matrix(param) and id(param) not in embedding_ids)
+            if counted and id(param) not in head_ids:
                 fp_matmul += param.numel()
     return Footprint(q_params, q_bytes, u_params, u_bytes, a_params, a_bytes, fp_matmul)
+
+
+def _head_ids(model: nn.Module) -> set[int]:
+    """Ids of the output head's parameters (of the network inside a LightningModule)."""
+    root = model if hasattr(model, "get_output_embeddings") else model_root(model)
+    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    return {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+
+
+MIN_MATRIX_SIDE = 64
+"""A parameter whose last two dimensions are both at least this is taken for a matmul weight wherever it lives
+(Mamba's ``A_log``, ``hidden × 16``, is not; a custom layer's raw ``weight`` matrix or expert stack is)."""
+
+
+def is_matrix(param: torch.Tensor) -> bool:
+    """Whether ``param`` looks like a matmul weight: at least 2-D, its last two dimensions >= ``MIN_MATRIX_SIDE``."""
+    return param.dim() >= 2 and min(param.shape[-2:]) >= MIN_MATRIX_SIDE
+
+
+def unrecognised_matrices(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """``(name, owner type)`` of full-precision matrices no loader path can hold in 4 bits or adapt.
+
+    Those are :func:`is_matrix` parameters outside linear-like layers and expert stacks (a custom layer's raw weight,
+    JetMoE's ``weight`` stacks), not embeddings or the head, nor in a module ``skip`` names (kept on purpose).
+    """
+    from lightning_qlora.quantization.nf4 import is_skipped
+
+    bnb = bitsandbytes()
+    head_ids = _head_ids(model)
+    found = []
+    for module_name, module in model.named_modules():
+        if is_linear_like(module) or isinstance(module, nn.Embedding) or is_skipped(module_name, skip):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(param, bnb.nn.Params4bit) or is_lora_parameter(name) or id(param) in head_ids:
+                continue
+            if is_matrix(param):
+                found.append((f"{module_name}.{name}".lstrip("."), type(module).__name__))
+    return found
+

@@ -10,11 +10,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.memory.footprint import Footprint, measure_footprint
+from lightning_qlora.memory.footprint import Footprint, measure_footprint, unrecognised_matrices
 from lightning_qlora.plugins.model_summary import show_true_sizes
 from lightning_qlora.quantization.loading import deferred_4bit_linears, finalize_deferred, mark_full_precision
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, QuantizationConfig
@@ -97,6 +97,15 @@ class NF4Precision(Precision):
         self.quantized_names += quantize_model(module, self.config, self.device)  # ends with guard_cpu_repack
         self.footprint = measure_footprint(module)
         rank_zero_info(f"NF4Precision: {self.footprint.summary()}")
+        left = unrecognised_matrices(module, self.config.skip_modules)
+        if left:  # never a silent full-precision matmul weight
+            name, owner = left[0]
+            rank_zero_warn(
+                f"NF4Precision: {len(left)} weight matrices stay in full precision without adapters "
+                f"({100 * self.footprint.matmul_share_4bit:.1f}% of the matmul weights in 4 bits), e.g. {name} of a "
+                f"{owner}: it is not a linear layer, Conv1D or an experts module transformers dispatches; see "
+                "docs/models.md (If it fails)"
+            )
         trainer = getattr(module, "_trainer", None)  # a LightningModule attached to a Trainer
         if isinstance(trainer, pl.Trainer):
             show_true_sizes(trainer.callbacks)

@@ -1,26 +1,25 @@
-"""Exact resume: real subprocesses killed with SIGKILL at several points, resumed from ``last``, adapter bits equal."""
+"""Exact resume: real processes (forks of this one) killed with SIGKILL at several points, resumed from ``last``."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import resume_worker
 import torch
+from conftest import Forked
 from safetensors.torch import load_file
 
 from lightning_qlora.callbacks.resume import ExactResume, step_seed
+from lightning_qlora.cli.main import main as cli_main
 from lightning_qlora.data.loader import ResumableDataLoader
 
-WORKER = Path(__file__).parents[1] / "resume_worker.py"
 MAX_STEPS = 10  # 12 micro-batches per epoch, 2 per step: the run crosses an epoch boundary at step 6
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +43,10 @@ def run_worker(workload: dict, name: str, kill: str = "none", resume: bool = Fal
         "kill": kill,
         "resume": resume,
     }
-    path = workload["root"] / f"{name}-{kill.replace(':', '')}-{int(resume)}.json"
+    tag = f"{name}-{kill.replace(':', '')}-{int(resume)}"
+    path = workload["root"] / f"{tag}.json"
     path.write_text(json.dumps(spec))
-    return subprocess.run(
-        [sys.executable, str(WORKER), str(path)], capture_output=True, text=True, timeout=180, env=ENV
-    )
+    return Forked(lambda: resume_worker.main(str(path)), workload["root"] / "logs", tag).output(timeout=180)
 
 
 def adapter(root: Path) -> dict[str, torch.Tensor]:
@@ -132,15 +130,13 @@ data:
 """
     )
 
-    def fit(name: str, *extra: str) -> subprocess.Popen:
+    def fit(name: str, *extra: str) -> Forked:
         text = config.read_text().replace("ADAPTER", str(tmp_path / name / "adapter"))
         text = text.replace("CKPTS", str(tmp_path / name / "ckpts"))
         (tmp_path / f"{name}.yaml").write_text(text)
         (tmp_path / name).mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "lightning_qlora.cli", "fit", "--config", str(tmp_path / f"{name}.yaml"), *extra]
-        return subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path / name
-        )
+        args = ["fit", "--config", str(tmp_path / f"{name}.yaml"), *extra]
+        return Forked(lambda: cli_main(args), tmp_path / "logs", f"{name}{len(extra)}", cwd=tmp_path / name)
 
     baseline = fit("baseline")
     victim = fit("victim")
@@ -149,13 +145,10 @@ data:
     while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(random.Random().uniform(0.0, 1.0))  # somewhere in steps 2..14
-    if victim.poll() is None:
-        victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    assert baseline.wait(timeout=180) == 0, baseline.communicate()[1][-2000:]
-    resumed = fit("victim", "--ckpt_path", "last")
-    _, err = resumed.communicate(timeout=180)
-    assert resumed.returncode == 0, err[-2000:]
+    victim.kill()
+    assert baseline.wait(timeout=180) == 0, baseline.output().stderr[-2000:]
+    resumed = fit("victim", "--ckpt_path", "last").output(timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_bit_identical(
         load_file(tmp_path / "victim" / "adapter" / "adapter_model.safetensors"),
         load_file(tmp_path / "baseline" / "adapter" / "adapter_model.safetensors"),

@@ -9,13 +9,12 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import TinyMLP
+from conftest import Forked, TinyMLP, hold_run_lock
 from torch.utils.data import DataLoader
 
 from lightning_qlora import LoRA, RunLock, RunSummary
@@ -28,29 +27,14 @@ from lightning_qlora.callbacks.run_lock import (
     resolve_resume_last,
 )
 
-HOLD = textwrap.dedent(
-    """
-    import sys, time
-    from lightning_qlora.callbacks.run_lock import RunDirLock
-    lock = RunDirLock(sys.argv[1]).acquire()
-    print("locked", flush=True)
-    time.sleep(120)
-    """
-)
 
-
-def hold_lock_in_another_process(folder: Path) -> subprocess.Popen:
+def hold_lock_in_another_process(folder: Path) -> Forked:
     """A process that takes the folder's lock and sleeps; returns once the lock is held."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
+    return hold_run_lock(folder, folder.parent / f"{folder.name}-logs")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: Forked) -> None:
     proc.kill()
-    proc.wait(timeout=30)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 def dead_pid() -> int:

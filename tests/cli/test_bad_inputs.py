@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_llama
+from conftest import Forked, build_tiny_llama, hold_run_lock
 from safetensors.torch import load_file, save_file
 
 from lightning_qlora.cli.main import main
@@ -69,7 +69,7 @@ def protected(work: Path) -> dict[str, str]:
 
 MOUNTS: list[Path] = []
 CLEANED: list[Path] = []  # partial files a case expects the run to remove
-HOLDERS: list[subprocess.Popen] = []
+HOLDERS: list[Forked] = []
 
 
 @pytest.fixture(autouse=True)
@@ -77,9 +77,7 @@ def _unmount_and_stop():
     """Unmount a case's tmpfs and stop its lock-holding process after the case."""
     yield
     while HOLDERS:
-        proc = HOLDERS.pop()
-        proc.kill()
-        proc.wait(timeout=30)
+        HOLDERS.pop().kill()
     while MOUNTS:
         subprocess.run(["umount", str(MOUNTS.pop())], check=False)
 
@@ -478,11 +476,8 @@ def resume_of_a_finished_run_over_its_adapter(w):
 
 
 def run_dir_held_by_a_live_run(w):
-    hold = "import sys, time\nfrom lightning_qlora.callbacks.run_lock import RunDirLock\n"
-    hold += "RunDirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)\n"
-    proc = subprocess.Popen([sys.executable, "-c", hold, str(w / "run")], stdout=subprocess.PIPE, text=True)
+    proc = hold_run_lock(w / "run", w / "cases" / "logs")
     HOLDERS.append(proc)
-    assert proc.stdout.readline().strip() == "locked"
     return ["fit", "--config", recipe(w)], f"{w / 'run'} is in use by another run (pid {proc.pid} on"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -102,6 +103,33 @@ def test_callback_before_or_after_other_callbacks_gives_the_same_model():
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
+
+
+class RawExperts(nn.Module):
+    """A layer holding its matmul weights as raw parameters (as JetMoE's experts do): nothing can quantize it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+        self.weight = nn.Parameter(torch.randn(4, 64, 64))
+        self.scale = nn.Parameter(torch.ones(64, 16))  # not a matmul weight (as Mamba's A_log): not reported
+
+    def forward(self, x):
+        return self.proj(x) @ self.weight[0]
+
+
+def test_full_precision_matrices_outside_any_known_layer_are_named_in_one_warning():
+    model = RawExperts()
+    with pytest.warns(UserWarning) as caught:
+        plugin = NF4Precision(compute_dtype="fp32")
+        plugin.convert_module(model)
+    lines = [str(w.message) for w in caught if "stay in full precision" in str(w.message)]
+    assert len(lines) == 1 and "1 weight matrices" in lines[0] and "e.g. weight of a RawExperts" in lines[0], lines
+    assert plugin.footprint.matmul_share_4bit == pytest.approx(64 * 64 / (64 * 64 * 5))  # the share says so too
+    kept = RawExperts()  # kept on purpose (skip_modules names the module): counted, not warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NF4Precision(skip_modules=["0"]).convert_module(nn.Sequential(kept))
 
 
 def test_forward_context_autocasts_to_the_compute_dtype():

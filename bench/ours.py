@@ -123,7 +123,7 @@ def bench_trainer(device: str, callbacks: list[Any], max_steps: int, root: str) 
     return L.Trainer(
         accelerator="cuda" if device == "cuda" else "cpu",
         devices=1,
-        plugins=[NF4Precision()],
+        plugins=[NF4Precision(compute_dtype="bf16")],  # the anchor's compute dtype, on every device
         callbacks=callbacks,
         strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
         max_steps=max_steps,
@@ -174,7 +174,7 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool, compile_blo
         root,
     )
     # bitsandbytes' AdamW defaults to weight_decay=0.01, which the anchor uses; CausalLM's default is 0
-    module = CausalLM(model=w.model_dir, weight_decay=0.01, lr=LR)
+    module = CausalLM(model=w.model_dir, dtype="bf16", weight_decay=0.01, lr=LR)  # as the anchor loads it
     loader = DataLoader(make_batches(w), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     loop = statistics.median(timer.loop_times[w.warmup :] or timer.loop_times)

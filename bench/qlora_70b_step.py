@@ -159,8 +159,6 @@ def run_step(
     from lightning_qlora.lora.layer import LoRAConfig
     from lightning_qlora.memory.planner import plan_memory
     from lightning_qlora.models.causal_lm import CausalLM
-    from lightning_qlora.quantization.nf4 import QuantizationConfig
-    from lightning_qlora.utils.dtypes import fast_compute_dtype
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; pass --device cpu with tiny dims to test")
@@ -170,12 +168,10 @@ def run_step(
     config_path = folder / "config.json"
     llama_config(arch).to_json_file(str(config_path))  # the only file: no weights are ever written
     lora = dict(LORA, gradient_checkpointing=True, dtype=adapter_dtype)
-    compute = fast_compute_dtype(device)  # what NF4Precision() and CausalLM's dtype="auto" pick on this device
     plan = plan_memory(
         str(config_path), batch_size, seq_len, lora=LoRAConfig(r=lora["r"], alpha=lora["alpha"],
         dropout=lora["dropout"], dtype=adapter_dtype), optimizer="paged_adamw_32bit", gradient_checkpointing=True,
-        loss_chunk_size=4096, device_type=device, dtype=compute,
-        quantization=QuantizationConfig(compute_dtype=compute),
+        loss_chunk_size=4096, device_type=device,
     )  # fmt: skip
     if device == "cpu" and plan.total > cpu_max_gib * GIB:
         if own_dir:
@@ -192,7 +188,8 @@ def run_step(
         torch.manual_seed(seed)
         # the timer first: it times the build inside LoRA's wrapper
         trainer = bench_trainer(device, [timer, LoRA(**lora)], steps, root)
-        module = CausalLM(model=str(config_path), init="random", init_std=init_std, lr=LR, weight_decay=0.01)
+        module = CausalLM(model=str(config_path), dtype="bf16", init="random", init_std=init_std, lr=LR,
+                          weight_decay=0.01)  # fmt: skip
         batches = random_batches(steps, batch_size, seq_len, arch["vocab_size"], seed)
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
         files = sorted(p.name for p in folder.iterdir())

@@ -58,6 +58,8 @@ class LoRA(Callback):
             place (regional compilation, :func:`~lightning_qlora.models.compilation.compile_blocks`): one compile serves
             every layer; fuses the elementwise work around the matmuls. The first step pays the compile (tens of
             seconds). Single device and DDP; refused under the FSDP strategies.
+        compile_kwargs: passed to ``torch.compile`` for each block (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``,
+            ``{"dynamic": False}``, ``{"backend": "aot_eager"}`` to check graph capture without code generation).
         fused: train through the fused LoRA autograd function (saves only ``x`` and ``x·Aᵀ``; see
             :class:`~lightning_qlora.lora.function.LoRALinearFunction`); False uses the plain composition.
         adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints (written atomically and loaded
@@ -82,6 +84,7 @@ class LoRA(Callback):
         checkpoint_mode: CheckpointMode = "full",
         checkpoint_every_n_layers: int = 1,
         compile_blocks: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
         fused: bool = True,
         adapter_only_checkpoints: bool = True,
         export_dir: str | None = None,
@@ -104,6 +107,7 @@ class LoRA(Callback):
         self.checkpoint_mode = checkpoint_mode
         self.checkpoint_every_n_layers = checkpoint_every_n_layers
         self.compile_blocks = compile_blocks
+        self.compile_kwargs = dict(compile_kwargs or {})
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.export_dir = export_dir
         self.injected: list[str] = []
@@ -134,7 +138,7 @@ class LoRA(Callback):
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(root, self.checkpoint_mode, self.checkpoint_every_n_layers)
         if self.compile_blocks:
-            compile_blocks(root)
+            compile_blocks(root, **self.compile_kwargs)
         if names:
             rank_zero_info(f"LoRA: adapters on {len(self.injected)} layers, {self.trainable_params:,} trainable params")
         return names

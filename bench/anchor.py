@@ -25,16 +25,15 @@ def run_anchor(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
 
     probe = MemoryProbe(w.device)
     probe.reset()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[w.compute_dtype]
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=dtype,
     )
     device_map = {"": 0} if w.device == "cuda" else {"": "cpu"}
-    model = LlamaForCausalLM.from_pretrained(
-        w.model_dir, dtype=torch.bfloat16, device_map=device_map, quantization_config=quant
-    )
+    model = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=dtype, device_map=device_map, quantization_config=quant)
     loaded_gib = memory_now_gib(w.device)  # where the anchor script reads "weights"
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
@@ -60,7 +59,7 @@ def run_anchor(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
         before = counter.calls
         sync(w.device)
         t = time.perf_counter()
-        with torch.autocast(w.device, dtype=torch.bfloat16):
+        with torch.autocast(w.device, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

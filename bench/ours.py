@@ -113,7 +113,7 @@ def fast_path_info(pl_module: Any) -> dict[str, Any]:
     }
 
 
-def bench_trainer(device: str, callbacks: list[Any], max_steps: int, root: str) -> Any:
+def bench_trainer(device: str, callbacks: list[Any], max_steps: int, root: str, compute_dtype: str = "bf16") -> Any:
     """The benchmarks' ``Trainer``: NF4 + paged AdamW 32-bit on one device, training only (no logging, validation,
     checkpoints, progress bar or model summary)."""
     import lightning as L
@@ -123,7 +123,7 @@ def bench_trainer(device: str, callbacks: list[Any], max_steps: int, root: str) 
     return L.Trainer(
         accelerator="cuda" if device == "cuda" else "cpu",
         devices=1,
-        plugins=[NF4Precision(compute_dtype="bf16")],  # the anchor's compute dtype, on every device
+        plugins=[NF4Precision(compute_dtype=compute_dtype)],  # the anchor's compute dtype, on every device
         callbacks=callbacks,
         strategy=PagedOptimizerStrategy("paged_adamw_32bit"),
         max_steps=max_steps,
@@ -172,9 +172,10 @@ def run_ours(w: Workload, peak_tflops: float | None, isolated: bool, compile_blo
         ],
         w.steps,
         root,
+        w.compute_dtype,
     )
     # bitsandbytes' AdamW defaults to weight_decay=0.01, which the anchor uses; CausalLM's default is 0
-    module = CausalLM(model=w.model_dir, dtype="bf16", weight_decay=0.01, lr=LR)  # as the anchor loads it
+    module = CausalLM(model=w.model_dir, dtype=w.compute_dtype, weight_decay=0.01, lr=LR)  # as the anchor loads it
     loader = DataLoader(make_batches(w), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     loop = statistics.median(timer.loop_times[w.warmup :] or timer.loop_times)

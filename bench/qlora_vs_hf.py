@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--lora-dropout", type=float, default=LORA["dropout"], help="adapter dropout, both stacks (default 0.05)"
     )
     parser.add_argument(
+        "--compute-dtype", choices=["bf16", "fp32"], default="bf16",
+        help="both stacks' compute dtype (default bf16, the anchor script's; fp32 where a CPU only emulates bf16)",
+    )  # fmt: skip
+    parser.add_argument(
         "--checkpoint-mode",
         choices=["full", "selective"],
         default="full",
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         repeat=max(1, args.repeat),
         lora_dropout=args.lora_dropout,
         checkpoint_mode=args.checkpoint_mode,
+        compute_dtype=args.compute_dtype,
         keep_models=args.keep_models,
         log=lambda s: print(f"  .. {s}", flush=True),
     )

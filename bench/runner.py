@@ -97,6 +97,7 @@ def run_bench(
     repeat: int = 1,
     lora_dropout: float = 0.05,
     checkpoint_mode: str = "full",
+    compute_dtype: str = "bf16",
     log: Any = print,
 ) -> list[Row]:
     """Build each model once, run every stack on every batch shape, and return the rows (with ours/anchor ratios).
@@ -119,6 +120,8 @@ def run_bench(
         repeat: run each stack this many times, alternating, and keep the run with the median tok/s (peaks: max).
         lora_dropout: adapter dropout of both stacks.
         checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``.
+        compute_dtype: both stacks' compute dtype, ``bf16`` (the anchor script's) or ``fp32`` (fast on CPUs that
+            only emulate bf16).
         keep_models: leave the random checkpoints in ``workdir`` (``<preset>-<layers>L``) instead of deleting them,
             and reuse one a previous run left there with the same architecture, seed and init.
         log: progress printer.
@@ -154,6 +157,7 @@ def run_bench(
                 w.n_params = n
                 w.lora_dropout = lora_dropout
                 w.checkpoint_mode = checkpoint_mode
+                w.compute_dtype = compute_dtype
                 runs: dict[str, list[Row]] = {}
                 for _ in range(repeat):  # stacks alternate, so a burst of load elsewhere hits both
                     for stack in stacks:

@@ -89,6 +89,8 @@ class Workload:
     """Dropout on the adapter input, both stacks (the anchor's 0.05 unless ``--lora-dropout``)."""
     checkpoint_mode: str = "full"
     """Ours: ``LoRA(checkpoint_mode=...)``, ``full`` (as the anchor) or ``selective`` (attention kept, not redone)."""
+    compute_dtype: str = "bf16"
+    """Both stacks: dequantization, autocast and unquantized weights; ``bf16`` as the anchor script, or ``fp32``."""
 
 
 def random_batches(

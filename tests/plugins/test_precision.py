@@ -249,12 +249,25 @@ sys.meta_path.insert(0, PretendAvx512Bf16())
 """
 
 
+_OUR_IMPORT = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("imports", {path!r})  # the one way the package imports bitsandbytes,
+imports = importlib.util.module_from_spec(spec)  # loaded alone: the package would import Lightning (~10 s of CPU)
+spec.loader.exec_module(imports)
+imports.bitsandbytes()
+"""
+
+
 @pytest.mark.parametrize("how", ["plain import", "NF4Precision"])
 def test_bitsandbytes_hub_kernel_note_is_not_shown_when_the_plugin_imports_it(how):
+    """NF4Precision's constructor imports bitsandbytes through ``utils.imports.bitsandbytes``, run here in a fresh
+    interpreter on a CPU that bitsandbytes takes for AVX512-BF16 (so it probes its hub kernel and logs the note)."""
     import subprocess
     import sys
 
-    use = "import bitsandbytes" if how == "plain import" else "from lightning_qlora import NF4Precision; NF4Precision()"
+    from lightning_qlora.utils import imports
+
+    use = "import bitsandbytes" if how == "plain import" else _OUR_IMPORT.format(path=imports.__file__)
     run = subprocess.run([sys.executable, "-c", _AVX512_BF16_CPU + use], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     shown = "gemm_4bit_forward" in run.stderr

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_qlora.lora.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from lightning_qlora.plugins.checkpoint_io import checkpoint_global_step, find_last_checkpoint, remove_cut_off_saves
-from lightning_qlora.utils.atomic import OutputNotWritableError, check_writable, not_writable_message
+from lightning_qlora.utils.atomic import OutputNotWritableError, check_writable, not_writable_message, pid_alive
 
 __all__ = [
     "LOCK_NAME",
@@ -293,12 +293,8 @@ def _is_alive(holder: dict[str, Any]) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # cannot check another host's processes
     pid = int(holder["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        pass  # alive, another user's
     started = holder.get("pid_start")
     return started is None or _pid_start(pid) in (None, started)
 

@@ -145,24 +145,20 @@ def _peft_swaps(module: nn.Module) -> bool:
     return type(module).__name__ in DENSE_EXPERTS
 
 
-def _to_peft(module: nn.Module, a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our ``(A: E·r × in, B: out × r·E)`` as peft stores the same update (``ΔWₑ = Aₑᵀ·Bₑᵀ`` either way)."""
+def _peft_layout(
+    module: nn.Module, a: torch.Tensor, b: torch.Tensor, experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our ``(A: E·r × in, B: out × r·E)`` as peft stores the same update (``ΔWₑ = Aₑᵀ·Bₑᵀ`` either way), and back.
+
+    Where peft reads the stack the other way round, its ``A`` is our ``B`` per expert transposed and vice versa: the
+    same swap maps peft's pair back to ours, so this one function serves export and import.
+    """
     if not _peft_swaps(module):
         return a, b
-    rank, (out_features, in_features) = a.shape[0] // experts, (b.shape[0], a.shape[1])
-    peft_a = b.reshape(out_features, rank, experts).permute(2, 1, 0).reshape(experts * rank, out_features)
-    peft_b = a.reshape(experts, rank, in_features).permute(2, 1, 0).reshape(in_features, rank * experts)
-    return peft_a, peft_b
-
-
-def _from_peft(module: nn.Module, a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_to_peft`."""
-    if not _peft_swaps(module):
-        return a, b
-    rank, (in_features, out_features) = a.shape[0] // experts, (b.shape[0], a.shape[1])
-    ours_a = b.reshape(in_features, rank, experts).permute(2, 1, 0).reshape(experts * rank, in_features)
-    ours_b = a.reshape(experts, rank, out_features).permute(2, 1, 0).reshape(out_features, rank * experts)
-    return ours_a, ours_b
+    rank, a_cols, b_rows = a.shape[0] // experts, a.shape[1], b.shape[0]
+    swapped_a = b.reshape(b_rows, rank, experts).permute(2, 1, 0).reshape(experts * rank, b_rows)
+    swapped_b = a.reshape(experts, rank, a_cols).permute(2, 1, 0).reshape(a_cols, rank * experts)
+    return swapped_a, swapped_b
 
 
 def unwrap_peft_key(key: str) -> tuple[str, int]:
@@ -193,7 +189,7 @@ def peft_expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list
         for i, stack in enumerate(stacks):
             key = name + ".base_layer" * (len(stacks) - 1 - i)
             lora = adapters[stack]
-            a, b = _to_peft(module, lora.lora_A.detach(), lora.lora_B.detach(), lora.experts)
+            a, b = _peft_layout(module, lora.lora_A.detach(), lora.lora_B.detach(), lora.experts)
             tensors[f"{key}.lora_A.weight"] = a.to("cpu").contiguous()
             tensors[f"{key}.lora_B.weight"] = b.to("cpu").contiguous()
             adapted.append(f"{name}.{stack}")
@@ -230,7 +226,7 @@ def load_peft_experts(
         stack = stacks[len(stacks) - 1 - depth]
         experts, a_dim, b_dim = stack_shape(getattr(module, stack))
         in_features, out_features = (a_dim, b_dim) if stack_is_transposed(module) else (b_dim, a_dim)
-        a, b = _from_peft(module, pair["A"], pair["B"], experts)
+        a, b = _peft_layout(module, pair["A"], pair["B"], experts)
         if a.shape[0] % experts or a.shape[1] != in_features or b.shape[0] != out_features:
             raise ValueError(
                 f"{path}: {name}.{stack} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} but the stack is "

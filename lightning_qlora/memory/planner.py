@@ -407,4 +407,3 @@ def plan_memory(
         peak=peak,
         settings=settings,
     )
-

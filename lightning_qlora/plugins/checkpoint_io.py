@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
-from lightning_qlora.utils.atomic import TEMP_MARK, DiskFullError, atomic_write_bytes, is_disk_full
+from lightning_qlora.utils.atomic import TEMP_MARK, DiskFullError, atomic_write_bytes, is_disk_full, pid_alive
 from lightning_qlora.utils.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -175,23 +175,13 @@ def remove_cut_off_saves(folder: Path, pattern: str = "*.ckpt") -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(f".{pattern}{TEMP_MARK}*"):
         pid = re.match(rf".*{re.escape(TEMP_MARK)}(\d+)-", tmp.name)
-        if pid and not _process_alive(int(pid.group(1))):
+        writer = int(pid.group(1)) if pid else None
+        # this process is not saving while it resolves a checkpoint to resume: its own old temp files are cut off too
+        if writer is not None and (writer == os.getpid() or not pid_alive(writer)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(tmp)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is not saving while it resolves a checkpoint to resume
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -165,6 +165,17 @@ def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 TEMP_MARK = ".tmp-"
 """Temp files are named ``.<name>.tmp-<pid>-<random>``: hidden, and never ending like the file they replace."""
 

@@ -130,9 +130,11 @@ def notes(rows: list[Row], device: str, preset: str, peak_tflops: float | None) 
             )
         if r.extra.get("fast_path"):
             fast = r.extra["fast_path"]
+            backend = r.extra.get("compile_backend")
             out.append(
                 f"{r.workload} {r.stack}: fused LoRA on {fast['fused_lora_layers']}/{fast['lora_layers']} adapted "
                 f"layers; loss: {fast['loss']}; compiled blocks: {fast.get('compiled_blocks', 0)}"
+                + (f" (torch.compile backend {backend})" if backend and backend != "inductor" else "")
             )
         if "loop_step_ms" in r.extra:
             out.append(
@@ -189,6 +191,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="both stacks' compute dtype (default bf16, the anchor script's; fp32 where a CPU only emulates bf16)",
     )  # fmt: skip
     parser.add_argument(
+        "--compile-backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+        help="ours-compiled: torch.compile backend (default inductor; aot_eager = graph capture, no code generation)",
+    )  # fmt: skip
+    parser.add_argument(
         "--checkpoint-mode",
         choices=["full", "selective"],
         default="full",
@@ -199,7 +205,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         action="store_true",
         help="keep the random checkpoints in --workdir and reuse them in later runs (same preset, layers, seed, init)",
     )
-    parser.add_argument("--json", help="write the rows (and versions, device, command) to this file")
+    parser.add_argument(
+        "--json", help="write the rows (and versions, device, command) to this file; rewritten after each run"
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -232,6 +240,25 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "labels = input_ids",
     ]
     print("\n".join(header), flush=True)
+    finished: list[Row] = []
+
+    def save(rows: list[Row], notes_lines: list[str] | None) -> None:  # None: partial (more rows to come)
+        payload = {
+            "command": command,
+            "versions": info,
+            "device": dev,
+            "preset": args.preset,
+            "peak_tflops": peak,
+            "partial": notes_lines is None,
+            "rows": [asdict(r) for r in rows],
+            "notes": notes_lines or [],
+        }
+        atomic_write_text(args.json, json.dumps(payload, indent=2))
+
+    def on_row(row: Row) -> None:  # the rows so far, in case the command is cut off before the table
+        finished.append(row)
+        save(finished, None)
+
     rows = run_bench(
         preset=args.preset,
         device=args.device,
@@ -250,8 +277,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         lora_dropout=args.lora_dropout,
         checkpoint_mode=args.checkpoint_mode,
         compute_dtype=args.compute_dtype,
+        compile_backend=args.compile_backend,
         keep_models=args.keep_models,
         log=lambda s: print(f"  .. {s}", flush=True),
+        on_row=on_row if args.json else None,
     )
     table = format_table(rows)
     lines = notes(rows, args.device, args.preset, peak)
@@ -262,16 +291,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         lines += [warning] if warning else []
     print("\n" + "\n".join(header) + "\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in lines), flush=True)
     if args.json:
-        payload = {
-            "command": command,
-            "versions": info,
-            "device": dev,
-            "preset": args.preset,
-            "peak_tflops": peak,
-            "rows": [asdict(r) for r in rows],
-            "notes": lines,
-        }
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
+        save(rows, lines)
     return rows
 
 

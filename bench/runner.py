@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,9 @@ def run_bench(
     lora_dropout: float = 0.05,
     checkpoint_mode: str = "full",
     compute_dtype: str = "bf16",
+    compile_backend: str = "inductor",
     log: Any = print,
+    on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:
     """Build each model once, run every stack on every batch shape, and return the rows (with ours/anchor ratios).
 
@@ -122,9 +125,13 @@ def run_bench(
         checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``.
         compute_dtype: both stacks' compute dtype, ``bf16`` (the anchor script's) or ``fp32`` (fast on CPUs that
             only emulate bf16).
+        compile_backend: ``ours-compiled``'s ``torch.compile`` backend (``inductor``; ``aot_eager`` captures the
+            graphs without generating code: a quick check on CPU, where Inductor's C++ compile takes a minute).
         keep_models: leave the random checkpoints in ``workdir`` (``<preset>-<layers>L``) instead of deleting them,
             and reuse one a previous run left there with the same architecture, seed and init.
         log: progress printer.
+        on_row: called with each stack's ``Row`` as soon as that run ends (before the ratios are filled in), e.g.
+            to save the rows so far where the whole command might be cut off.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -140,7 +147,7 @@ def run_bench(
         for arch, cells in workloads_for(preset, device, base, layers, shapes, steps, warmup, init_std, seed, threads):
             init = arch.pop("_init_std")
             model_dir = Path(cells[0].model_dir)
-            recipe = {"arch": arch, "seed": seed, "init_std": init}
+            recipe = {"arch": arch, "seed": seed, "init_std": init, "draw": "meta+normal"}
             marker = model_dir / "bench_model.json"  # written last: a killed build is never reused
             kept = json.loads(marker.read_text()) if keep_models and marker.is_file() else None
             if kept is not None and kept["recipe"] == recipe:
@@ -158,6 +165,7 @@ def run_bench(
                 w.lora_dropout = lora_dropout
                 w.checkpoint_mode = checkpoint_mode
                 w.compute_dtype = compute_dtype
+                w.compile_backend = compile_backend
                 runs: dict[str, list[Row]] = {}
                 for _ in range(repeat):  # stacks alternate, so a burst of load elsewhere hits both
                     for stack in stacks:
@@ -178,6 +186,8 @@ def run_bench(
                         log(f"{w.name} {stack}: {row.tok_s:,.0f} tok/s ({took:.0f} s incl. loading)")
                         row.extra["busy_cores_before"] = busy
                         runs.setdefault(stack, []).append(row)
+                        if on_row is not None:
+                            on_row(row)
                 by_stack = {stack: merge_repeats(found) for stack, found in runs.items()}
                 rows.extend(by_stack[stack] for stack in stacks if stack in by_stack)
                 anchor = by_stack.get("anchor")

@@ -105,7 +105,8 @@ def main(spec_path: str) -> None:
         enable_model_summary=False,
     )
     model = CausalLM(model=spec["model_dir"], dtype="fp32", lr=5e-3, warmup_steps=3)
-    data = InstructionDataModule(spec["data"], batch_size=2, max_length=64, val_split=4, seed=11)
+    packing = spec.get("packing", False)
+    data = InstructionDataModule(spec["data"], batch_size=2, max_length=96, val_split=4, seed=11, packing=packing)
     trainer.fit(model, datamodule=data, ckpt_path="last" if spec.get("resume") else None)
     print(f"finished at step {trainer.global_step}", flush=True)
     print(f"val_history={json.dumps(model.val_history)}", flush=True)

@@ -160,8 +160,10 @@ def use_qlora_progress_bar(trainer: pl.Trainer) -> QLoRAProgressBar | None:
 
 
 def count_tokens(batch: Any) -> int:
-    """Non-padding tokens of a batch: its ``attention_mask``'s sum, else all of ``input_ids`` (or of the tensor)."""
+    """Tokens of a batch that are not padding: ``num_tokens`` (packed), the ``attention_mask``'s sum, else all."""
     if isinstance(batch, dict):
+        if batch.get("num_tokens") is not None:
+            return int(batch["num_tokens"])
         if batch.get("attention_mask") is not None:
             return int(batch["attention_mask"].sum())
         if "input_ids" in batch:

@@ -86,6 +86,22 @@ class ExactResume(Callback):
             pass
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Resume a checkpoint written after an epoch's last batch at the next epoch's first batch.
+
+        Lightning 2.6 counts that epoch as finished twice when it restores such a checkpoint (a save from
+        ``on_train_batch_end`` at the last batch): the resumed run skips a whole epoch, its rows and its seeds.
+        Clearing the saved ``is_last_batch`` (read only by that restart branch) lets the epoch end once, as it
+        does in the uninterrupted run. Callbacks are restored before the loops, so the loops read the fix.
+        """
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        batches, epochs = loop.get("epoch_loop.batch_progress"), loop.get("epoch_progress")
+        if not batches or not epochs or not batches.get("is_last_batch"):
+            return
+        if epochs["current"]["processed"] < epochs["current"]["started"]:  # saved inside the epoch, not after it
+            batches["is_last_batch"] = False
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self._run_seed()}
 

@@ -1,107 +1,34 @@
-"""Instruction-tuning data for QLoRA: Alpaca/chat rows, response-only labels, length-grouped batches.
+"""Instruction-tuning data for QLoRA: Alpaca/chat rows, response-only labels, length-grouped or packed batches.
 
 Example:
     >>> dm = InstructionDataModule("pkg://zaragoza_construction_faq/data/faq-en-alpaca.jsonl", max_length=256)
     >>> dm.connect(tokenizer)
     >>> dm.setup("fit")
     >>> batch = next(iter(dm.train_dataloader()))  # input_ids, attention_mask, labels (-100 on prompts and padding)
+
+With ``packing=True`` each training batch holds ``batch_size`` sequences of up to ``max_length`` tokens, each
+several whole rows (:mod:`lightning_qlora.data.packing`).
 """
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import Sampler
 
+from lightning_qlora.data.batching import InstructionCollator, LengthGroupedSampler
 from lightning_qlora.data.loader import ResumableDataLoader, trainer_progress
+from lightning_qlora.data.packing import PackDataset, PackedCollator, PackedSampler
 from lightning_qlora.data.prompts import IGNORE_INDEX, DataError, PromptEncoder, detect_format, normalize_row, read_rows
 from lightning_qlora.utils.errors import first_line
 
 __all__ = ["DataError", "InstructionCollator", "InstructionDataModule", "LengthGroupedSampler", "read_rows"]
 
 _CHUNK = 512
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffle, cut into mega-batches of ``mega_batch_mult * batch_size``, sort each by length (longest first).
-
-    Consecutive ``batch_size`` chunks then hold examples of similar length, which cuts padding. The order is a
-    pure function of ``seed + epoch``; the longest example is moved to the very first batch so memory problems
-    show up at step one (like Hugging Face's ``LengthGroupedSampler``).
-
-    Args:
-        lengths: Token count of each example.
-        batch_size: Batch size of the DataLoader using this sampler.
-        seed: Base seed.
-        mega_batch_mult: Mega-batch size in batches.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 42, mega_batch_mult: int = 50):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mega_batch_mult = mega_batch_mult
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order ``__iter__`` yields (Lightning calls this each epoch).
-
-        Args:
-            epoch: The epoch number.
-        """
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        size = self.mega_batch_mult * self.batch_size
-        megas = [sorted(order[i : i + size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), size)]
-        if megas:
-            longest = max(range(len(megas)), key=lambda m: self.lengths[megas[m][0]])
-            megas[0][0], megas[longest][0] = megas[longest][0], megas[0][0]
-        return iter([i for mega in megas for i in mega])
-
-
-class InstructionCollator:
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100, and build the attention mask.
-
-    Examples that carry their dataset position (``index``) also give the batch a ``row_index`` tensor.
-
-    Args:
-        pad_id: Padding token id.
-        pad_to_multiple_of: Round the padded length up to a multiple of this.
-    """
-
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Collate examples into a batch of ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
-        width = max(len(e["input_ids"]) for e in examples)
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            input_ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if all("index" in e for e in examples):  # positions in the dataset, to name rows in error messages
-            batch["row_index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
-        return batch
 
 
 class InstructionDataModule(LightningDataModule):
@@ -125,10 +52,13 @@ class InstructionDataModule(LightningDataModule):
             ``skip`` (dropped with one warning).
         val_split: Fraction of ``path`` held out (``0 < val_split < 1``), or a row count when ``>= 1``.
         seed: Seed for the validation split and the training order (``seed + epoch``).
-        batch_size: Batch size for training and validation.
+        batch_size: Batch size for training and validation (with ``packing``: packed sequences per training batch).
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: Round each batch's padded length up to a multiple of this (e.g. 8 for tensor cores).
         group_by_length: Batch training examples of similar length (shuffled mega-batches sorted by length).
+        packing: Pack whole training rows into sequences of up to ``max_length`` tokens (best-fit decreasing, in a
+            seeded order): no padding between rows, positions restart at every row and no row attends to another.
+            Validation batches stay unpacked.
 
     Raises:
         DataError: If an option value is invalid.
@@ -151,6 +81,7 @@ class InstructionDataModule(LightningDataModule):
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
         group_by_length: bool = True,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -184,6 +115,7 @@ class InstructionDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
+        self.packing = packing
         self.train_dataset: list[dict[str, Any]] | None = None
         self.val_dataset: list[dict[str, Any]] | None = None
         self._tokenizer: Any = None
@@ -255,6 +187,9 @@ class InstructionDataModule(LightningDataModule):
                     f"{name or self.val_path or self.path}: no {split} rows left after skipping "
                     f"{len(skipped)} long prompts; raise max_length"
                 )
+        if self.packing:
+            packs = len(PackedSampler([len(e["input_ids"]) for e in self.train_dataset], self.max_length, self.seed))
+            self._stats["train_packs"] = packs
         rank_zero_info(f"InstructionDataModule: {self.stats()}")
 
     def stats(self) -> dict[str, int]:
@@ -262,21 +197,23 @@ class InstructionDataModule(LightningDataModule):
 
         Returns:
             ``train_rows``, ``val_rows``, ``train_tokens``, ``val_tokens``, ``train_trained_tokens``,
-            ``val_trained_tokens``, ``skipped_long_prompt``, ``truncated`` and ``prefix_mismatch``.
+            ``val_trained_tokens``, ``skipped_long_prompt``, ``truncated``, ``prefix_mismatch`` and, with
+            ``packing``, ``train_packs`` (packed sequences per epoch).
         """
         return dict(self._stats)
 
     def train_dataloader(self) -> ResumableDataLoader:
-        """Length-grouped (or shuffled) training batches; calls :meth:`setup` if needed."""
+        """Packed, length-grouped or shuffled training batches; calls :meth:`setup` if needed."""
         self.setup("fit")
         assert self.train_dataset is not None
-        kwargs: dict[str, Any] = {}
-        if self.group_by_length:
-            lengths = [len(e["input_ids"]) for e in self.train_dataset]
-            kwargs["sampler"] = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+        lengths = [len(e["input_ids"]) for e in self.train_dataset]
+        if self.packing:
+            sampler = PackedSampler(lengths, self.max_length, self.seed)
+            loader = self._loader(PackDataset(self.train_dataset), sampler=sampler, packed=True)
+        elif self.group_by_length:
+            loader = self._loader(self.train_dataset, sampler=LengthGroupedSampler(lengths, self.batch_size, self.seed))
         else:
-            kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(self.seed))
-        loader = self._loader(self.train_dataset, **kwargs)
+            loader = self._loader(self.train_dataset, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
         trainer = self.trainer
         if trainer is not None:  # resumable mid-epoch: Lightning saves and restores the loader's position
             loader.progress = lambda: trainer_progress(trainer)
@@ -301,15 +238,16 @@ class InstructionDataModule(LightningDataModule):
         assert self.val_dataset is not None
         return self._loader(self.val_dataset, shuffle=False)
 
-    def _loader(self, dataset: list[dict[str, Any]], **kwargs: Any) -> ResumableDataLoader:
+    def _loader(self, dataset: Any, packed: bool = False, **kwargs: Any) -> ResumableDataLoader:
         tokenizer = self._tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+        collate = (PackedCollator if packed else InstructionCollator)(pad_id, self.pad_to_multiple_of)
         return ResumableDataLoader(
-            dataset,  # type: ignore[arg-type]
+            dataset,
             batch_size=self.batch_size,
-            collate_fn=InstructionCollator(pad_id, self.pad_to_multiple_of),
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kwargs,

@@ -189,6 +189,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     chunk_size: int = 4096,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A transformers causal LM's training loss through :func:`chunked_cross_entropy`.
 
@@ -198,6 +199,7 @@ def causal_lm_loss(
         labels: ``(B, T)`` labels (``-100`` ignored), shifted inside as transformers does.
         attention_mask: ``(B, T)`` padding mask, if any.
         chunk_size: tokens per chunk.
+        position_ids: ``(B, T)`` positions; packed rows restart at 0 (then give no ``attention_mask``).
 
     Returns:
         The scalar mean loss over valid next-token targets.
@@ -208,7 +210,9 @@ def causal_lm_loss(
     reason = chunked_loss_unsupported(model)
     if reason is not None:
         raise ValueError(f"chunked loss is not available: {reason}; use the model's own loss (loss_chunk_size=None)")
-    outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    outputs = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     head = model.get_output_embeddings()
     return chunked_cross_entropy(hidden, head.weight, labels, chunk_size, bias=head.bias)

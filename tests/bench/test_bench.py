@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,3 +220,42 @@ def test_70b_step_script_rejects_bad_dims_in_one_line(capsys):
         step.main([*TINY_70B_ARGS, "--hidden", "130"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--hidden 130 --heads 4" in err and "multiple of heads" in err
+
+
+def test_gpu_check_dry_run_records_every_part_and_prints_the_summary(tmp_path):
+    """bench/gpu_check.sh --dry-run: the GPU check's three parts on CPU with tiny sizes, one JSON each, a summary."""
+    out = tmp_path / "out"
+    script = BENCH.parent / "gpu_check.sh"
+    env = dict(os.environ, PYTHON=sys.executable)  # the interpreter running the tests, whatever python3 is
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", str(script), "--dry-run", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
+    )
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0, printed[-4000:]
+    parts = {name: json.loads((out / f"{name}.json").read_text()) for name in ("1-qlora-7b", "2-packing", "3-70b-step")}
+    qlora, packing, step = parts.values()
+    assert qlora["status"] == "ok" and step["status"] == "ok", (qlora.get("log_tail"), step.get("log_tail"))
+    assert packing["status"] in ("ok", "skipped"), packing.get("log_tail")
+    if packing["status"] == "skipped":
+        assert packing["reason"] == "bench/packing.py missing" and "part 2 skipped: bench/packing.py missing" in printed
+    else:
+        assert packing["rc"] == 0 and (out / "2-packing.log").is_file() and packing["result"] is not None
+    # part 1: the three stacks' rows, and the ratios the summary prints
+    stacks = [row["stack"] for row in qlora["result"]["rows"]]
+    assert stacks == ["anchor (HF+peft+bnb)", "ours (lightning_qlora)", "ours + compile_blocks"]
+    assert not qlora["result"]["partial"] and qlora["numbers"]["ours_over_anchor"] > 0
+    assert qlora["numbers"]["compiled_over_anchor"] > 0
+    assert step["numbers"]["verdict"] == "PASS" and step["result"]["init"] == "random"
+    for record in (qlora, step):
+        assert record["rc"] == 0 and record["seconds"] > 0 and (out / record["log"]).read_text().strip()
+    # the summary: printed last, one line per part, and summary.json with the header's matmul probe
+    summary = printed[printed.rindex("summary:") :]
+    assert "| 1 qlora-7b | ok |" in summary and "| 3 70b-step | ok |" in summary and "| 2 packing |" in summary
+    assert "ours/anchor" in summary and "compiled/anchor" in summary and "PASS" in summary
+    assert "the hardware limit: bf16 matmul 512^3" in printed
+    saved = json.loads((out / "summary.json").read_text())
+    assert [p["part"] for p in saved["parts"]] == [1, 2, 3] and saved["header"]["matmul"]["size"] == 512
+    # what the device brings back: at most 8 files, plain names
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files

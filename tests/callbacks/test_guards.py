@@ -62,7 +62,7 @@ def rows(tmp_path) -> Path:
     return path
 
 
-def fit(model_cls, tiny_llama_dir, rows, tmp_path, guard, max_steps=6, callbacks=()):
+def fit(model_cls, tiny_llama_dir, rows, tmp_path, guard, max_steps=6, callbacks=(), packing=False):
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
@@ -76,7 +76,9 @@ def fit(model_cls, tiny_llama_dir, rows, tmp_path, guard, max_steps=6, callbacks
         callbacks=[LoRA(r=8, dropout=0.0, export_dir=str(tmp_path / "adapter")), guard, *callbacks],
     )
     model = model_cls(model=str(tiny_llama_dir), lr=5e-3)
-    data = InstructionDataModule(str(rows), batch_size=2, max_length=64, val_split=2, group_by_length=False)
+    data = InstructionDataModule(
+        str(rows), batch_size=2, max_length=64, val_split=2, group_by_length=False, packing=packing
+    )
     trainer.fit(model, datamodule=data)
     return trainer, model
 
@@ -85,7 +87,8 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_stop_names_step_batch_and_data_rows_and_writes_nothing(tiny_llama_dir, rows, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_stop_names_step_batch_and_data_rows_and_writes_nothing(tiny_llama_dir, rows, tmp_path, packing):
     good = tmp_path / "adapter"  # a good adapter and checkpoint from an earlier run are never replaced
     good.mkdir()
     (good / "adapter_model.safetensors").write_bytes(b"good adapter")
@@ -95,7 +98,7 @@ def test_stop_names_step_batch_and_data_rows_and_writes_nothing(tiny_llama_dir, 
     before = digest(good), digest(checkpoints)
     saver = ResumableCheckpoint(dirpath=checkpoints, every_n_train_steps=100)
     with pytest.raises(NonFiniteError) as err:
-        fit(PoisonedLM, tiny_llama_dir, rows, tmp_path, NonFiniteGuard(), max_steps=20, callbacks=[saver])
+        fit(PoisonedLM, tiny_llama_dir, rows, tmp_path, NonFiniteGuard(), 20, [saver], packing)
     message = str(err.value)
     assert "\n" not in message
     assert "non-finite loss (nan) at step" in message and "(epoch 0, batch " in message

@@ -19,7 +19,7 @@ from lightning_qlora.callbacks.resume import ExactResume, step_seed
 from lightning_qlora.cli.main import main as cli_main
 from lightning_qlora.data.loader import ResumableDataLoader
 
-MAX_STEPS = 10  # 12 micro-batches per epoch, 2 per step: the run crosses an epoch boundary at step 6
+MAX_STEPS = 10  # 12 packs of two rows per epoch, 2 per batch, 2 batches per step: epochs end at steps 3, 6, 9
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def run_worker(workload: dict, name: str, kill: str = "none", resume: bool = Fal
         "max_steps": MAX_STEPS,
         "kill": kill,
         "resume": resume,
+        "packing": True,  # packed batches (two rows per sequence): positions, labels and packs must resume exactly
     }
     tag = f"{name}-{kill.replace(':', '')}-{int(resume)}"
     path = workload["root"] / f"{tag}.json"
@@ -78,8 +79,9 @@ def test_killed_four_times_then_resumed_gives_the_same_adapter_bits(workload, un
     ckpt = root / "checkpoints" / "last.ckpt"
     kills = [
         ("forward:2", 2),  # mid gradient-accumulation window of step 3: last is step 2
-        ("save:4", 3),  # temp file of step 4's checkpoint complete but never renamed: last stays step 3
-        ("write:6", 5),  # torn write of step 6's checkpoint (the epoch boundary): last stays step 5
+        ("save:4", 3),  # temp file of step 4's checkpoint complete but never renamed: last stays step 3, the end of
+        # epoch 0 (Lightning alone would resume that at epoch 2: ExactResume clears its last-batch flag)
+        ("write:6", 5),  # torn write of step 6's checkpoint (an epoch boundary): last stays step 5
         ("after_step:8", 7),  # step 8 applied, killed before its checkpoint: last is step 7
     ]
     for i, (kill, last_step) in enumerate(kills):

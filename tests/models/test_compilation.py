@@ -61,8 +61,11 @@ def loss_and_grads(model, tokens, seed: int = 7):
 
 
 def packed_codes(model) -> dict[str, bytes]:
-    return {n: bytes(p.data.view(torch.uint8).flatten().tolist()) for n, p in model.named_parameters()
-            if p.dtype == torch.uint8}
+    return {
+        n: bytes(p.data.view(torch.uint8).flatten().tolist())
+        for n, p in model.named_parameters()
+        if p.dtype == torch.uint8
+    }
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (3, 7)], ids=["multiple-of-8", "padded"])
@@ -166,6 +169,17 @@ def fixed_batches(steps: int, batch: int = 2, seq: int = 32):
     return out
 
 
+def packed_batches(steps: int, batch: int = 2, seq: int = 32):
+    """``fixed_batches`` as packed rows: positions restart at 0 after 12 and 23 tokens, no attention mask."""
+    out = []
+    for plain in fixed_batches(steps, batch, seq):
+        positions = torch.cat([torch.arange(12), torch.arange(11), torch.arange(seq - 23)]).expand(batch, -1)
+        labels = plain["labels"].clone()
+        labels[:, [12, 23]] = -100  # no row learns to predict the next one
+        out.append({"input_ids": plain["input_ids"], "labels": labels, "position_ids": positions.clone()})
+    return out
+
+
 def fit_adapters(model_dir, tmp_path, compiled: bool):
     torch.manual_seed(0)
     module = CausalLM(model=str(model_dir), dtype="fp32", lr=1e-3)
@@ -173,11 +187,17 @@ def fit_adapters(model_dir, tmp_path, compiled: bool):
         plugins=[NF4Precision(compute_dtype="fp32")],
         callbacks=[LoRA(r=8, alpha=16, dropout=0.0, gradient_checkpointing=True, compile_blocks=compiled)],
         strategy=PagedOptimizerStrategy("adamw_32bit"),
-        max_steps=3, limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=3,
+        limit_val_batches=1,
+        val_check_interval=3,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    batches = fixed_batches(3)
+    batches = packed_batches(3)  # packed: each compiled block also takes transformers' block-diagonal mask
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
@@ -196,6 +216,7 @@ def test_lora_callback_compiles_the_blocks_and_trains_like_eager(tiny_llama_dir,
     assert any(float(v.abs().max()) > 1e-3 for k, v in adapters.items() if k.endswith("lora_B")), "nothing trained"
     assert [step for step, _ in module.val_history] == [0, 3]  # sanity check and the validation after step 3
     assert [v for _, v in module.val_history] == pytest.approx([v for _, v in eager.val_history], rel=1e-5)
+    assert module._packing_checked and eager._packing_checked  # the rows stayed apart, compiled or not
 
 
 def test_a_graph_break_in_a_block_is_reported_in_one_line():

@@ -1,0 +1,74 @@
+"""The check that packed rows stay apart: a model whose attention mask ignores ``position_ids`` would mix them.
+
+transformers builds the block-diagonal mask of packed rows from ``position_ids`` in most causal LMs (and
+flash-attention's variable-length kernel reads the same positions), but not in all (ALiBi models such as Bloom and
+MPT, OPT, BioGPT, ... build their masks from the attention mask alone). So the first packed batch is run through
+the decoder twice without gradients as two rows per sequence, the second time with the first row changed: the
+second row must come out the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PackedAttentionError", "check_packed_rows_stay_apart"]
+
+_RELATIVE_TOLERANCE = 1e-3
+"""A leak moves the later row's hidden states by a sizeable fraction of their scale; kernels' noise stays far below."""
+
+
+class PackedAttentionError(ValueError):
+    """Packed rows attend to each other in this model: packing cannot be used with it."""
+
+
+@torch.no_grad()
+def check_packed_rows_stay_apart(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Run a batch as two packed rows per sequence twice, the first row changed the second time; the second must stay.
+
+    The positions restart half-way along every sequence (whatever the batch's own boundaries, so every process of
+    a distributed run runs the same check); dropout draws the same masks both times (the random state is forked and
+    reseeded), so only attention across rows could move the second row's hidden states.
+
+    Args:
+        model: a transformers causal LM (its decoder, ``model.base_model``, is run when it has one).
+        input_ids: ``(B, T)`` token ids of the first packed batch (its shape is kept, so compiled blocks do not
+            recompile).
+
+    Raises:
+        PackedAttentionError: if the second row moved.
+    """
+    length = input_ids.shape[1]
+    if length < 2:
+        return
+    start = length // 2
+    positions = torch.cat([torch.arange(start), torch.arange(length - start)]).to(input_ids.device)
+    positions = positions.expand_as(input_ids)
+    decoder = getattr(model, "base_model", model)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or int(input_ids.max()) + 2)
+    changed = input_ids.clone()
+    changed[:, :start] = (changed[:, :start] + 1) % vocab
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    outputs = []
+    for ids in (input_ids, changed):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            try:
+                out = decoder(input_ids=ids, position_ids=positions, use_cache=False)
+            except TypeError as err:
+                if "position_ids" not in str(err):
+                    raise
+                raise PackedAttentionError(
+                    f"packing: {type(model).__name__} takes no position_ids, so packed rows cannot be kept apart; "
+                    "set packing=False on the data module for this model"
+                ) from None
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        outputs.append(hidden[:, start:].float())
+    moved = (outputs[0] - outputs[1]).abs().max().item()
+    scale = outputs[0].abs().max().item()
+    if not moved <= _RELATIVE_TOLERANCE * max(scale, 1e-6):
+        raise PackedAttentionError(
+            f"packing: {type(model).__name__} lets packed rows attend to each other (its attention mask does not "
+            f"follow position_ids; a row's hidden states moved by {moved:.3g} when the row before it changed); "
+            "set packing=False on the data module for this model"
+        )

@@ -73,8 +73,9 @@ echo "=== gpu_check $([ "$DRY" = 1 ] && echo "--dry-run (CPU, tiny sizes)" || ec
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv,noheader
 if [ "$DRY" = 1 ]; then
-  DEV=cpu SIZE=512
-  P1=(--device cpu --preset micro --steps 2 --warmup 1 --in-process --compute-dtype fp32 --compile-backend aot_eager)
+  DEV=cpu SIZE=256
+  P1=(--device cpu --preset micro --steps 2 --warmup 1 --in-process --compute-dtype fp32 --compile-backend aot_eager
+      --init-std 0.08)
   P2=(--device cpu --dry-run)
   P3=(--device cpu --layers 2 --hidden 128 --intermediate 256 --heads 4 --kv-heads 2 --vocab 512 --seq 64 --steps 2)
 else

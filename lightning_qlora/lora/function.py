@@ -8,10 +8,10 @@ adapter's compute dtype, the input tensor itself when the dtypes agree) and the 
 * ``grad_B = s·gᵀ·(drop(x)·Aᵀ)`` and ``grad_A = s·(g·B)ᵀ·drop(x)``;
 * nothing for ``W0`` (frozen); ``grad_b = Σ_tokens g`` only when the bias trains.
 
-Dropout keeps no copy of ``drop(x)``: the mask is drawn by the same ``native_dropout`` call ``F.dropout`` makes (the
-same RNG draws, so the same mask as the plain path for the same RNG state) and kept bit-packed, 1 bit per element
-(1/16 of a bf16 ``x``); backward unpacks it. (Replaying the RNG instead would cost a second draw, which on CPU takes
-as long as a third of the layer's matmuls.) With dropout 0 nothing random happens and no mask exists.
+Dropout keeps no copy of ``drop(x)``: the mask (:func:`dropout`: on GPUs the ``native_dropout`` call ``F.dropout``
+makes, so the plain path's mask for the same RNG state; on CPU a draw ~3× cheaper) is kept bit-packed, 1 bit per
+element (1/16 of a bf16 ``x``); backward unpacks it. (Replaying the RNG instead would cost a second draw.) With
+dropout 0 nothing random happens and no mask exists.
 
 Dtypes follow what autograd gives the plain path: under autocast every matmul runs in the autocast dtype and the
 fp32 master ``A``/``B`` get fp32 gradients of the low-precision products; without autocast the base computes in its
@@ -90,6 +90,28 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return table.index_select(0, packed.long()).view(-1)[: shape.numel()].view(shape)
 
 
+_KEEP_LEVELS = 32768
+"""An element is kept when its 15-bit random integer (0..32767) is at least ``round(p·32768)``."""
+
+
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(x with elements dropped and the rest scaled, keep mask, scale)``: inverted dropout at rate ``p``.
+
+    On CPU, eagerly, each 64-bit draw of torch's generator gives four elements a 15-bit integer each (p as rounded
+    to 1/32768, at most 1.5e-5 off): the CPU generator is single-threaded, and this costs ~3× less than the
+    ``bernoulli_`` of ``F.dropout``. On GPUs and under ``torch.compile``: torch's own ``native_dropout``.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        dropped, keep = torch.ops.aten.native_dropout(x, p, True)
+        return dropped, keep, 1.0 / (1.0 - p)
+    threshold = round(p * _KEEP_LEVELS)
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 0..2^63-1: four 15-bit (or wider) lanes
+    keep = draws.view(torch.int16)[:n].bitwise_and_(_KEEP_LEVELS - 1).view(x.shape) >= threshold
+    scale = _KEEP_LEVELS / (_KEEP_LEVELS - threshold)
+    return torch.mul(x, keep).mul_(scale), keep, scale
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd function for a frozen linear + LoRA update; see the module docstring for the math."""
 
@@ -107,9 +129,9 @@ class LoRALinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
-            packed = None
+            packed, keep_scale = None, 1.0
             if spec.dropout > 0:
-                dropped, keep = torch.ops.aten.native_dropout(x2, spec.dropout, True)  # what F.dropout runs
+                dropped, keep, keep_scale = dropout(x2, spec.dropout)
                 packed = pack_mask(keep)
                 del keep
                 dropped = dropped.to(spec.lora_dtype)
@@ -140,6 +162,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x_saved, xa, lora_A, lora_B, packed)
         ctx.weight = weight  # a frozen parameter: no activation memory, and not recomputed by checkpointing
         ctx.spec = spec
+        ctx.keep_scale = keep_scale
         ctx.x_dtype = x.dtype
         ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
         ctx.x_shape = shape
@@ -160,7 +183,7 @@ class LoRALinearFunction(torch.autograd.Function):
             gb = None
             if need_x or need_a:
                 # s·g·B (tokens, r); with dropout also the 1/(1-p) of the kept elements, folded in while it is small
-                scale = spec.scaling / (1 - spec.dropout) if packed is not None else spec.scaling
+                scale = spec.scaling * ctx.keep_scale
                 gb = torch.mm(g_lora, b).mul_(scale)
             keep = None if packed is None else unpack_mask(packed, x_saved.shape)  # the forward's dropout mask
             if need_b:
@@ -266,4 +289,12 @@ def fused_lora_linear(
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, spec)
 
 
-__all__ = ["FusedLoRASpec", "LoRALinearFunction", "fused_base_weight", "fused_lora_linear", "pack_mask", "unpack_mask"]
+__all__ = [
+    "FusedLoRASpec",
+    "LoRALinearFunction",
+    "dropout",
+    "fused_base_weight",
+    "fused_lora_linear",
+    "pack_mask",
+    "unpack_mask",
+]

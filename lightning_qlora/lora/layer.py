@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_qlora.lora.function import fused_lora_linear
+from lightning_qlora.lora.function import dropout, fused_lora_linear
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, is_4bit_linear, is_skipped, tied_linear_names
 from lightning_qlora.quantization.shells import head_patterns, is_linear_like, is_router, linear_shape
 from lightning_qlora.utils.dtypes import dtype_name, to_dtype
@@ -130,19 +130,26 @@ class LoRALinear(nn.Module):
         """The base layer's bias."""
         return self.base_layer.bias
 
+    def _dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W0·x + b + scaling · B·(A·dropout(x))``: fused while gradients are on (see ``LoRAConfig.fused``)."""
         if self.fused and torch.is_grad_enabled():
-            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-            out = fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, p)
+            out = fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self._dropout_p())
             if out is not None:
                 return out
         return self.plain_forward(x)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unfused composition: the base layer's own forward, dropout, then two ``F.linear`` calls."""
+        """The unfused composition: the base layer's own forward, dropout, then two ``F.linear`` calls.
+
+        Dropout draws its mask as the fused path does (:func:`~lightning_qlora.lora.function.dropout`), so both
+        paths drop the same elements for the same random state.
+        """
         result = self.base_layer(x)
-        lora_x = self.dropout(x)
+        p = self._dropout_p()
+        lora_x = dropout(x, p)[0] if p > 0 else x
         if not torch.is_autocast_enabled(x.device.type):
             lora_x = lora_x.to(self.lora_A.dtype)
         update = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling

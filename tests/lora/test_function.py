@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_qlora.lora.function import (
     LoRALinearFunction,
+    dropout,
     fused_base_weight,
     fused_lora_linear,
     pack_mask,
@@ -119,18 +120,31 @@ def test_bf16_autocast_matches_a_float64_recompute_within_bf16_tolerance(quantiz
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["plain-base", "4bit-base"])
-def test_dropout_uses_the_plain_paths_mask_for_the_same_rng_state(quantized):
+def test_cpu_dropout_matches_a_float64_recompute_and_the_plain_path_with_the_same_draw(quantized):
     layer = make_layer(quantized, dropout=0.3)
     x = torch.randn(3, 16, IN, generator=torch.Generator().manual_seed(3))
-    fused = run(layer, x, seed=11)
+    y, loss, gx, ga, gb = run(layer, x, seed=11)
     after_fused = torch.get_rng_state()
-    layer.fused = False
+    torch.manual_seed(11)  # the forward's first draw: the mask, four elements per 64-bit draw
+    _, keep, scale = dropout(x.reshape(-1, IN), 0.3)
+    assert scale == 32768 / (32768 - round(0.3 * 32768))  # p rounded to 1/32768: 0.29999 here
+    assert abs(float(keep.float().mean()) - 0.7) < 4 * (0.3 * 0.7 / keep.numel()) ** 0.5
+    x64 = x.detach().double().requires_grad_(True)
+    a = layer.lora_A.detach().double().requires_grad_(True)
+    b = layer.lora_B.detach().double().requires_grad_(True)
+    dropped = x64 * keep.view(x.shape) * scale
+    ey = x64 @ w0_of(layer).double().T + layer.scaling * (dropped @ a.T) @ b.T + layer.base_layer.bias.double()
+    (ey * probe_weights(OUT)).sum().backward()
+    torch.testing.assert_close(y.double(), ey.detach(), rtol=1e-5, atol=1e-5)
+    for got, expected in ((gx, x64.grad), (ga, a.grad), (gb, b.grad)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    other_mask = run(layer, x, seed=12)
+    assert not torch.allclose(other_mask[3], ga)  # the mask really differs per RNG state and grad A sees it
+    layer.fused = False  # the plain path draws its mask with the same function: the same mask
     plain = run(layer, x, seed=11)
     assert torch.equal(torch.get_rng_state(), after_fused)  # the same draws from the global generator
-    for got, expected in zip(fused, plain):  # same mask; fp32 rounding differs only in the order of the scaling
+    for got, expected in zip((y, loss, gx, ga, gb), plain):  # fp32 rounding differs only in the order of the scaling
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    other_mask = run(layer, x, seed=12)
-    assert not torch.allclose(other_mask[3], plain[3])  # the mask really differs per RNG state and grad A sees it
     layer.eval()  # no dropout in eval mode: the fused path with p = 0 equals the float64 recompute
     layer.fused = True
     y, _, gx, ga, gb = run(layer, x)
@@ -272,7 +286,7 @@ def test_backward_keeps_only_x_and_x_times_a(dropout):
     assert fused == tokens * IN * 2 + tokens * R * 2 + mask_bytes  # x (bf16, not copied) + x·Aᵀ (bf16); no W0
     layer.fused = False
     plain = saved_bytes(layer, x)
-    assert plain > fused + tokens * IN * 2 * (dropout > 0)  # the plain path also keeps dropout's output/mask
+    assert plain > fused + tokens * IN * (dropout > 0)  # the plain path also keeps dropout's output and mask
 
 
 # --------------------------------------------------------------------------------- when it applies

@@ -48,10 +48,15 @@ def check_packed_rows_stay_apart(model: nn.Module, input_ids: torch.Tensor) -> N
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or int(input_ids.max()) + 2)
     changed = input_ids.clone()
     changed[:, :start] = (changed[:, :start] + 1) % vocab
-    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    kind = input_ids.device.type
+    devices = [input_ids.device] if kind == "cuda" else []
+    # autocast would cache its low-precision copies of trainable leaves (LoRA A/B on the plain path) made here,
+    # without autograd history, and the training forward after this would reuse them: no caching in the check
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    uncached = torch.autocast(kind, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
     outputs = []
     for ids in (input_ids, changed):
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), uncached:
             torch.manual_seed(0)
             try:
                 out = decoder(input_ids=ids, position_ids=positions, use_cache=False)

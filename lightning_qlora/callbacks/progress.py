@@ -34,9 +34,9 @@ class QLoRAProgressBar(TQDMProgressBar):
 
     With ``max_steps`` set the training bar runs from the current ``global_step`` (a resumed run starts where it left
     off) to ``max_steps``; without it, it counts the batches of each epoch as Lightning's does, described as
-    ``epoch 2/3``. Tokens are the non-padding tokens of each batch (its ``attention_mask``, else every token of
-    ``input_ids``); the rate is over the last ``window`` batches, timed from batch start to batch end. The logger's
-    version number (``v_num``) is not shown.
+    ``epoch 2/3``. Tokens are the non-padding tokens of each batch (a packed batch's ``num_tokens``, its
+    ``attention_mask``, else every token of ``input_ids``); the rate is over the last ``window`` batches, timed
+    from batch start to batch end. The logger's version number (``v_num``) is not shown.
 
     Args:
         refresh_rate: update the bar every this many batches (0 disables it).

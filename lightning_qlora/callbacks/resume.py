@@ -91,14 +91,20 @@ class ExactResume(Callback):
 
         Lightning 2.6 counts that epoch as finished twice when it restores such a checkpoint (a save from
         ``on_train_batch_end`` at the last batch): the resumed run skips a whole epoch, its rows and its seeds.
-        Clearing the saved ``is_last_batch`` (read only by that restart branch) lets the epoch end once, as it
-        does in the uninterrupted run. Callbacks are restored before the loops, so the loops read the fix.
+        Clearing the saved ``is_last_batch`` lets the epoch end once, as in the uninterrupted run: the loader's
+        recorded position (a stateful loader's state is in the checkpoint) ends it. Only that case is touched (the
+        batch saved before its ``completed`` count, inside the epoch): a save after validation or at the epoch's
+        end, or a loader without a length or a recorded position, keeps Lightning's own restart. Callbacks are
+        restored before the loops, so the loops read the fix.
         """
         loop = checkpoint.get("loops", {}).get("fit_loop", {})
         batches, epochs = loop.get("epoch_loop.batch_progress"), loop.get("epoch_progress")
         if not batches or not epochs or not batches.get("is_last_batch"):
             return
-        if epochs["current"]["processed"] < epochs["current"]["started"]:  # saved inside the epoch, not after it
+        total = batches["total"]
+        saved_at_batch_end = total["completed"] == total["processed"] - 1
+        inside_epoch = epochs["current"]["processed"] < epochs["current"]["started"]
+        if saved_at_batch_end and inside_epoch and loop.get("state_dict", {}).get("combined_loader"):
             batches["is_last_batch"] = False
 
     @override

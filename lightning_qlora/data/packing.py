@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lightning_qlora.data.prompts import IGNORE_INDEX
+from lightning_qlora.data.prompts import IGNORE_INDEX, DataError
 
 __all__ = ["PackDataset", "PackedCollator", "PackedSampler", "plan_packs"]
 
@@ -41,11 +41,14 @@ def plan_packs(lengths: Sequence[int], max_length: int, seed: int) -> list[tuple
         One tuple of row indices per pack, rows longest first.
 
     Raises:
-        ValueError: if a row is longer than ``max_length`` or empty.
+        DataError: if a row is longer than ``max_length`` or empty.
     """
     bad = next((i for i, n in enumerate(lengths) if not 0 < n <= max_length), None)
     if bad is not None:
-        raise ValueError(f"row {bad} has {lengths[bad]} tokens; packing needs 1..max_length={max_length} per row")
+        raise DataError(
+            f"row {bad} has {lengths[bad]} tokens; packing needs 1..max_length={max_length} tokens per row: "
+            "truncate or drop it, or raise max_length"
+        )
     generator = torch.Generator().manual_seed(seed)
     order = sorted(torch.randperm(len(lengths), generator=generator).tolist(), key=lambda i: -lengths[i])
     packs: list[list[int]] = []

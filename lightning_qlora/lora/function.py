@@ -100,7 +100,19 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, floa
     On CPU, eagerly, each 64-bit draw of torch's generator gives four elements a 15-bit integer each (p as rounded
     to 1/32768, at most 1.5e-5 off): the CPU generator is single-threaded, and this costs ~3× less than the
     ``bernoulli_`` of ``F.dropout``. On GPUs and under ``torch.compile``: torch's own ``native_dropout``.
+
+    Args:
+        x: the input (any shape, dtype and layout).
+        p: the dropout rate, ``0 <= p < 1``.
+
+    Returns:
+        The dropped input (``x``'s shape and dtype), the boolean keep mask and the scale of the kept elements.
+
+    Raises:
+        ValueError: if ``p`` is not in ``[0, 1)``.
     """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout rate {p} is not in [0, 1); pass a rate such as 0.05 or 0.1")
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         dropped, keep = torch.ops.aten.native_dropout(x, p, True)
         return dropped, keep, 1.0 / (1.0 - p)

@@ -139,9 +139,9 @@ class CausalLM(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The model's inputs: ``input_ids``, ``labels`` and ``attention_mask`` or, packed, ``position_ids``."""
-        inputs = {key: batch.get(key) for key in ("input_ids", "labels", "attention_mask", "position_ids")}
+        inputs = {key: batch[key] for key in ("input_ids", "labels", "attention_mask", "position_ids") if key in batch}
         config = getattr(self.model, "config", None)
-        if inputs["position_ids"] is not None and "flash" in str(getattr(config, "_attn_implementation", "")):
+        if "position_ids" in inputs and "flash" in str(getattr(config, "_attn_implementation", "")):
             # flash-attention finds packed rows from position_ids in one flat row only (transformers'
             # _is_packed_sequence): lay the batch's packs end to end; the loss is per token, so it is unchanged
             inputs.update({k: inputs[k].reshape(1, -1) for k in ("input_ids", "labels", "position_ids")})
@@ -150,7 +150,7 @@ class CausalLM(pl.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = (batch["labels"][:, 1:] != -100).sum()
         inputs = self._inputs(batch)
-        if inputs["position_ids"] is not None and not getattr(self, "_packing_checked", False):
+        if "position_ids" in inputs and not getattr(self, "_packing_checked", False):
             from lightning_qlora.models.packed import check_packed_rows_stay_apart
 
             check_packed_rows_stay_apart(self.model, inputs["input_ids"])
@@ -161,8 +161,8 @@ class CausalLM(pl.LightningModule):
 
             reason = chunked_loss_unsupported(self.model)
             if reason is None:
-                ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
-                return causal_lm_loss(self.model, ids, labels, mask, chunk, inputs["position_ids"]), tokens
+                ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
+                return causal_lm_loss(self.model, ids, labels, mask, chunk, inputs.get("position_ids")), tokens
             if not getattr(self, "_chunked_loss_warned", False):
                 self._chunked_loss_warned = True
                 rank_zero_warn(f"CausalLM: loss_chunk_size={chunk} ignored, using the model's own loss: {reason}")

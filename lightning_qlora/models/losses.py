@@ -210,9 +210,8 @@ def causal_lm_loss(
     reason = chunked_loss_unsupported(model)
     if reason is not None:
         raise ValueError(f"chunked loss is not available: {reason}; use the model's own loss (loss_chunk_size=None)")
-    outputs = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
+    extra = {} if position_ids is None else {"position_ids": position_ids}  # unpacked: what the model always got
+    outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     head = model.get_output_embeddings()
     return chunked_cross_entropy(hidden, head.weight, labels, chunk_size, bias=head.bias)

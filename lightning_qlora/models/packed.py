@@ -26,14 +26,14 @@ class PackedAttentionError(ValueError):
 def check_packed_rows_stay_apart(model: nn.Module, input_ids: torch.Tensor) -> None:
     """Run a batch as two packed rows per sequence twice, the first row changed the second time; the second must stay.
 
-    The positions restart half-way along every sequence (whatever the batch's own boundaries, so every process of
-    a distributed run runs the same check); dropout draws the same masks both times (the random state is forked and
-    reseeded), so only attention across rows could move the second row's hidden states.
+    The positions restart half-way along every sequence and the ids are a seeded draw (whatever the batch holds, so
+    every process of a distributed run reaches the same verdict); dropout draws the same masks both times (the
+    random state is forked and reseeded), so only attention across rows could move the second row's hidden states.
 
     Args:
         model: a transformers causal LM (its decoder, ``model.base_model``, is run when it has one).
-        input_ids: ``(B, T)`` token ids of the first packed batch (its shape is kept, so compiled blocks do not
-            recompile).
+        input_ids: ``(B, T)`` token ids of the first packed batch: the check draws its own ids of that shape (so
+            compiled blocks keep their shapes; they still compile once more, for the no-grad mode).
 
     Raises:
         PackedAttentionError: if the second row moved.
@@ -41,25 +41,29 @@ def check_packed_rows_stay_apart(model: nn.Module, input_ids: torch.Tensor) -> N
     length = input_ids.shape[1]
     if length < 2:
         return
+    device, kind = input_ids.device, input_ids.device.type
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = int(getattr(embeddings, "num_embeddings", 0) or int(input_ids.max()) + 1)
+    # the same ids on every process of a distributed run (a seeded draw of the batch's shape): the same verdict
+    ids = torch.randint(0, vocab, input_ids.shape, generator=torch.Generator().manual_seed(0)).to(device)
     start = length // 2
-    positions = torch.cat([torch.arange(start), torch.arange(length - start)]).to(input_ids.device)
-    positions = positions.expand_as(input_ids)
-    decoder = getattr(model, "base_model", model)
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or int(input_ids.max()) + 2)
-    changed = input_ids.clone()
+    positions = torch.cat([torch.arange(start), torch.arange(length - start)]).to(device).expand_as(ids)
+    changed = ids.clone()
     changed[:, :start] = (changed[:, :start] + 1) % vocab
-    kind = input_ids.device.type
-    devices = [input_ids.device] if kind == "cuda" else []
+    decoder = getattr(model, "base_model", model)
+    backend = getattr(torch, kind, None) if kind != "cpu" else None
+    count = backend.device_count() if hasattr(backend, "device_count") else 0  # every generator of that kind is kept
     # autocast would cache its low-precision copies of trainable leaves (LoRA A/B on the plain path) made here,
     # without autograd history, and the training forward after this would reuse them: no caching in the check
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     uncached = torch.autocast(kind, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
     outputs = []
-    for ids in (input_ids, changed):
-        with torch.random.fork_rng(devices=devices), uncached:
+    for tokens in (ids, changed):
+        rng = torch.random.fork_rng(devices=list(range(count)), device_type=kind if count else "cuda")
+        with rng, uncached:
             torch.manual_seed(0)
             try:
-                out = decoder(input_ids=ids, position_ids=positions, use_cache=False)
+                out = decoder(input_ids=tokens, position_ids=positions, use_cache=False)
             except TypeError as err:
                 if "position_ids" not in str(err):
                     raise

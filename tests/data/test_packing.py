@@ -14,6 +14,7 @@ import torch
 
 from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision, PagedOptimizerStrategy
 from lightning_qlora.data.packing import PackDataset, PackedCollator, PackedSampler, plan_packs
+from lightning_qlora.data.prompts import DataError
 
 
 def test_every_row_lands_in_exactly_one_pack_that_fits():
@@ -37,7 +38,7 @@ def test_packs_are_a_pure_function_of_the_seed():
 
 
 def test_a_row_longer_than_a_pack_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"row 1 has 70 tokens; packing needs 1..max_length=64 per row"):
+    with pytest.raises(DataError, match=r"row 1 has 70 tokens; packing needs 1..max_length=64 tokens per row: "):
         plan_packs([10, 70], 64, seed=0)
 
 

@@ -14,7 +14,14 @@ from lightning_qlora.data.packing import PackedCollator
 from lightning_qlora.models.losses import causal_lm_loss
 from lightning_qlora.models.packed import PackedAttentionError, check_packed_rows_stay_apart
 
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    attention_dropout=0.1,
+)  # dropout acts only in train mode: the check's tests run there
 
 
 def _model(arch: str) -> torch.nn.Module:

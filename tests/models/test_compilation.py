@@ -174,7 +174,18 @@ def fit_adapters(model_dir, tmp_path, compiled: bool):
     module = CausalLM(model=str(model_dir), dtype="fp32", lr=1e-3)
     trainer = L.Trainer(
         plugins=[NF4Precision(compute_dtype="fp32")],
-        callbacks=[LoRA(r=8, alpha=16, dropout=0.0, gradient_checkpointing=True, compile_blocks=compiled)],
+        callbacks=[
+            LoRA(
+                r=8,
+                alpha=16,
+                dropout=0.0,
+                gradient_checkpointing=True,
+                compile_blocks=compiled,
+                # dynamo's capture and AOT autograd without Inductor's C++ codegen (a minute of CPU): this test is
+                # about the callback's wiring; Inductor's numbers are the tests above and below
+                compile_kwargs={"backend": "aot_eager"},
+            )
+        ],
         strategy=PagedOptimizerStrategy("adamw_32bit"),
         max_steps=3,
         limit_val_batches=1,

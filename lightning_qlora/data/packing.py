@@ -90,7 +90,7 @@ class PackedSampler(Sampler[tuple[int, ...]]):
         self.max_length = max_length
         self.seed = seed
         self.epoch = 0
-        self._count: int | None = None
+        self._plan: tuple[int, list[tuple[int, ...]]] | None = None  # (seed, packs): one plan per epoch, not per call
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose packs ``__iter__`` yields.
@@ -100,15 +100,17 @@ class PackedSampler(Sampler[tuple[int, ...]]):
         """
         self.epoch = epoch
 
+    def _packs(self) -> list[tuple[int, ...]]:
+        seed = self.seed + self.epoch
+        if self._plan is None or self._plan[0] != seed:
+            self._plan = (seed, plan_packs(self.lengths, self.max_length, seed))
+        return self._plan[1]
+
     def __len__(self) -> int:
-        if self._count is None:  # the same every epoch: only the tie order changes with the seed
-            self._count = len(plan_packs(self.lengths, self.max_length, self.seed))
-        return self._count
+        return len(self._packs())  # the same every epoch: only the tie order changes with the seed
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
-        packs = plan_packs(self.lengths, self.max_length, self.seed + self.epoch)
-        self._count = len(packs)
-        return iter(packs)
+        return iter(self._packs())
 
 
 class PackDataset(Dataset):

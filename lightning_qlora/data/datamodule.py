@@ -121,6 +121,7 @@ class InstructionDataModule(LightningDataModule):
         self._tokenizer: Any = None
         self._rows: tuple[list[Any], list[Any]] | None = None
         self._stats: dict[str, int] = {}
+        self._packed_sampler: PackedSampler | None = None  # planned in setup (for its pack count), used by the loader
 
     @property
     def tokenizer(self) -> Any:
@@ -137,7 +138,7 @@ class InstructionDataModule(LightningDataModule):
             self, for chaining.
         """
         self._tokenizer = tokenizer
-        self.train_dataset = self.val_dataset = None
+        self.train_dataset = self.val_dataset = self._packed_sampler = None
         return self
 
     def prepare_data(self) -> None:
@@ -188,8 +189,9 @@ class InstructionDataModule(LightningDataModule):
                     f"{len(skipped)} long prompts; raise max_length"
                 )
         if self.packing:
-            packs = len(PackedSampler([len(e["input_ids"]) for e in self.train_dataset], self.max_length, self.seed))
-            self._stats["train_packs"] = packs
+            lengths = [len(e["input_ids"]) for e in self.train_dataset]
+            self._packed_sampler = PackedSampler(lengths, self.max_length, self.seed)
+            self._stats["train_packs"] = len(self._packed_sampler)  # plans epoch 0, which the loader then reuses
         rank_zero_info(f"InstructionDataModule: {self.stats()}")
 
     def stats(self) -> dict[str, int]:
@@ -208,7 +210,7 @@ class InstructionDataModule(LightningDataModule):
         assert self.train_dataset is not None
         lengths = [len(e["input_ids"]) for e in self.train_dataset]
         if self.packing:
-            sampler = PackedSampler(lengths, self.max_length, self.seed)
+            sampler = self._packed_sampler or PackedSampler(lengths, self.max_length, self.seed)
             loader = self._loader(PackDataset(self.train_dataset), sampler=sampler, packed=True)
         elif self.group_by_length:
             loader = self._loader(self.train_dataset, sampler=LengthGroupedSampler(lengths, self.batch_size, self.seed))

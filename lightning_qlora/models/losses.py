@@ -183,6 +183,11 @@ def chunked_loss_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def last_hidden_state(outputs: Any) -> torch.Tensor:
+    """A decoder's final hidden states: its output's ``last_hidden_state``, or the first element of a tuple."""
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -212,7 +217,7 @@ def causal_lm_loss(
         raise ValueError(f"chunked loss is not available: {reason}; use the model's own loss (loss_chunk_size=None)")
     extra = {} if position_ids is None else {"position_ids": position_ids}  # unpacked: what the model always got
     outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    hidden = last_hidden_state(outputs)
     head = model.get_output_embeddings()
     return chunked_cross_entropy(hidden, head.weight, labels, chunk_size, bias=head.bias)
 
@@ -223,4 +228,5 @@ __all__ = [
     "causal_lm_loss",
     "chunked_cross_entropy",
     "chunked_loss_unsupported",
+    "last_hidden_state",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_qlora.models.losses import last_hidden_state
+
 __all__ = ["PackedAttentionError", "check_packed_rows_stay_apart"]
 
 _RELATIVE_TOLERANCE = 1e-3
@@ -71,8 +73,7 @@ def check_packed_rows_stay_apart(model: nn.Module, input_ids: torch.Tensor) -> N
                     f"packing: {type(model).__name__} takes no position_ids, so packed rows cannot be kept apart; "
                     "set packing=False on the data module for this model"
                 ) from None
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        outputs.append(hidden[:, start:].float())
+        outputs.append(last_hidden_state(out)[:, start:].float())
     moved = (outputs[0] - outputs[1]).abs().max().item()
     scale = outputs[0].abs().max().item()
     if not moved <= _RELATIVE_TOLERANCE * max(scale, 1e-6):

@@ -60,6 +60,8 @@ class ExpertLoRA(nn.Module):
         self.experts, self.r, self.alpha = experts, r, alpha
         self.in_features, self.out_features = in_features, out_features
         self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.disabled = False
+        """While True (see :func:`~lightning_qlora.lora.layer.adapters_disabled`) the update is zero."""
         self.lora_A = nn.Parameter(torch.empty(experts * r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r * experts, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft initialise A
@@ -72,6 +74,8 @@ class ExpertLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """``(α/r)·x·Aₑᵀ·Bₑᵀ`` in ``x``'s dtype (the adapters are cast, as the linear path does under autocast)."""
+        if self.disabled:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         a, b = self.pair(expert)
         return (x @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * self.scaling
 

@@ -6,6 +6,7 @@ A and B are plain ``nn.Parameter``s (not ``nn.Linear``), so no quantizer ever mi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -110,6 +111,8 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fused = fused
+        self.disabled = False
+        """While True (see :func:`adapters_disabled`) the layer is its frozen base: ``W0·x + b``."""
         device = _module_device(base_layer)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
@@ -135,6 +138,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W0·x + b + scaling · B·(A·dropout(x))``: fused while gradients are on (see ``LoRAConfig.fused``)."""
+        if self.disabled:
+            return self.base_layer(x)
         if self.fused and torch.is_grad_enabled():
             out = fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self._dropout_p())
             if out is not None:
@@ -235,6 +240,27 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base inside the block: every LoRA update (linear and expert) is off.
+
+    The 4-bit base with its adapters off is the reference model of preference tuning and the "before" of a
+    comparison, with no second copy in memory (peft's ``disable_adapter``, TRL's ``null_ref_context``).
+
+    Args:
+        model: a model with LoRA layers (a model without any runs unchanged).
+    """
+    layers = [module for module in model.modules() if hasattr(module, "disabled") and hasattr(module, "lora_A")]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            layer.disabled = state
 
 
 def is_lora_parameter(name: str) -> bool:

@@ -281,3 +281,22 @@ def test_fused_and_plain_paths_train_a_4bit_llama_alike():
     num = sum(float((f - p).norm() ** 2) for f, p in zip(fused_grads, plain_grads)) ** 0.5
     den = sum(float(p.norm() ** 2) for p in plain_grads) ** 0.5
     assert den > 0 and num / den < 2**-6, num / den
+
+
+def test_adapters_disabled_runs_the_frozen_base_and_restores_the_adapters():
+    from lightning_qlora.lora.experts import ExpertLoRA
+    from lightning_qlora.lora.layer import adapters_disabled
+
+    model = nn.Sequential(LoRALinear(nn.Linear(64, 64), 8, 16), LoRALinear(nn.Linear(64, 64), 8, 16))
+    holder = nn.ModuleDict({"layers": model, "experts": ExpertLoRA(4, 64, 64, 8, 16)})
+    experts = holder["experts"]
+    for param in holder.parameters():
+        nn.init.normal_(param)
+    model[1].disabled = True  # a layer already off stays off afterwards
+    x = torch.randn(3, 64)
+    adapted = model(x)
+    with adapters_disabled(holder):
+        assert torch.equal(model(x), model[1].base_layer(model[0].base_layer(x)))
+        assert torch.equal(experts(x, 2), torch.zeros(3, 64))
+    assert [model[0].disabled, model[1].disabled, experts.disabled] == [False, True, False]
+    assert torch.equal(model(x), adapted) and experts(x, 2).abs().sum() > 0

@@ -24,7 +24,8 @@ def ensure_canonical_packing(layer: nn.Module) -> None:
     on an input that needs no grad (avx512-bf16 CPUs). Backward through that layout is silently wrong, and the
     inverse re-quantizes the absmax constants after rounding them to bf16.
     """
-    layer.support_avx512bf16_for_cpu = False
+    if getattr(layer, "support_avx512bf16_for_cpu", False):  # write only once: a write on every call would be a
+        layer.support_avx512bf16_for_cpu = False  # side effect that breaks torch.compile's graph under checkpointing
     state = getattr(layer.weight, "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         _convert_weight_packed_for_cpu_inverse = bitsandbytes().functional._convert_weight_packed_for_cpu_inverse

@@ -9,6 +9,7 @@ mask per adapter input. Gradient checkpointing keeps only each layer's input (``
 The loss keeps ``12·vocab`` bytes per token at its peak with transformers' loss (fp32 log-softmax output, its
 gradient and the logits' gradient); the chunked loss of :mod:`lightning_qlora.models.losses` ``6·vocab`` per token of
 one chunk. The measured check is ``tests/memory/test_planner.py`` (live tensor bytes of a CPU step, within 15%).
+Preference tuning's sequence scores and reference pass are in :mod:`lightning_qlora.memory.preference`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
 from lightning_qlora.memory.moe import plan_moe_layers
 from lightning_qlora.memory.parameters import quantized_stacks, unquantized_kinds
+from lightning_qlora.memory.preference import preference_loss_bytes, reference_pass_bytes
 from lightning_qlora.memory.storage_bytes import code_table_bytes, optimizer_bytes, quantized_bytes
 from lightning_qlora.quantization.nf4 import QuantizationConfig
 from lightning_qlora.quantization.shells import linear_shape, shell_candidates
@@ -221,6 +223,7 @@ def plan_memory(
     loss_chunk_size: int | None = 4096,
     device_type: str = "cuda",
     trust_remote_code: bool = False,
+    preference: str | None = None,
 ) -> MemoryPlan:
     """Predict the memory of one QLoRA training step of a causal LM on each device.
 
@@ -242,6 +245,9 @@ def plan_memory(
             default 4096); ``None``: transformers' own loss, which keeps fp32 logits of the whole batch.
         device_type: ``cuda`` adds allocator workspaces; ``cpu`` does not (for checks against CPU measurements).
         trust_remote_code: allow model code from the checkpoint when building the meta model.
+        preference: ``dpo``, ``ipo`` or ``orpo`` plans a :class:`~lightning_qlora.PreferenceLM` step (sequence scores,
+            and for DPO/IPO the reference forward of the same base); ``batch_size`` then counts chosen and
+            rejected sequences (2 per pair).
 
     Returns:
         The :class:`MemoryPlan`.
@@ -336,6 +342,11 @@ def plan_memory(
         loss_fwd, loss_bwd = 6 * vocab * chunk + c * h * chunk + e * h * tokens, 2 * e * h * tokens
     else:  # transformers' loss: bf16 logits, their fp32 copy, log-softmax (kept), then its gradient and the logits'
         loss_fwd, loss_bwd = 10 * vocab * tokens, 12 * vocab * tokens
+    reference = 0
+    if preference is not None:  # the scores' logits are recomputed in backward; DPO/IPO add a no-grad forward
+        loss_fwd, loss_bwd = preference_loss_bytes(vocab, h, tokens, loss_chunk_size, c, e)
+        dims = (h, q_dim, kv_dim, inter)
+        reference = reference_pass_bytes(preference, tokens, dims, vocab, loss_chunk_size, c, e, c * largest)
     ckpt = e * h * tokens  # one checkpointed layer input
     fixed = 16 * tokens + 2 * 2 * head_dim * tokens  # ids, labels, rotary cos/sin
 
@@ -353,6 +364,7 @@ def plan_memory(
             (saved + head_saved + loss_bwd + (0 if checkpointing else casts) + fixed, 0),
             ((saved + one if checkpointing else saved + temps * tokens) + fixed + dequantized, 0),
             ((ckpt + one if checkpointing else one) + fixed + dequantized, a_bytes - grads_layer),
+            *([(reference + fixed, 0)] if reference else []),  # before the policy's forward: nothing else alive
         ]
 
     # ---- per device
@@ -376,7 +388,7 @@ def plan_memory(
     act_on, step_on = peak_of(True)
     act_off, step_off = peak_of(False)
     act, step = (act_on, step_on) if gradient_checkpointing else (act_off, step_off)
-    labels = ("forward end", "loss backward", "last layer backward", "first layer backward")
+    labels = ("forward end", "loss backward", "last layer backward", "first layer backward", "reference forward")
     step_phases = {k: a + g // shard for k, (a, g) in zip(labels, phases(gradient_checkpointing))}
     peak = static + max(step, grads)  # the optimizer step holds every gradient
     name = getattr(config, "_name_or_path", "") or f"{getattr(config, 'model_type', 'model')}"

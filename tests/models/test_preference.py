@@ -1,0 +1,116 @@
+"""PreferenceLM: the reference is the 4-bit base with adapters off (bit for bit), and a short NF4 + LoRA fit learns."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import lightning as L
+import pytest
+import torch
+from transformers import GenerationMixin
+
+from lightning_qlora import LoRA, NF4Precision, NonFiniteGuard, PagedOptimizerStrategy, PreferenceDataModule
+from lightning_qlora.lora.layer import LoRAConfig, inject_lora, mark_only_lora_trainable
+from lightning_qlora.models.preference import PreferenceLM, model_sequence_logps
+from lightning_qlora.models.sources import load_causal_lm
+from lightning_qlora.quantization.nf4 import is_4bit_linear
+
+TOPICS = ["the sky", "a fox", "the dog", "a cat", "the log", "birds", "the mat", "winter"]
+
+
+def write_pairs(path, n: int = 24):
+    """A separable set: the chosen answer is always on topic, the rejected one always the same off-topic line."""
+    topics = [TOPICS[i % len(TOPICS)] for i in range(n)]
+    rows = [{"prompt": f"Question {i}: what about {topic}?", "chosen": f"Answer: {topic} is fine.",
+             "rejected": "Z Y X W V U T."} for i, topic in enumerate(topics)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_llama_dir, tmp_path_factory):
+    """One DPO fit through NF4Precision + LoRA + PagedOptimizerStrategy, as users run it."""
+    tmp = tmp_path_factory.mktemp("dpo_fit")
+    module = PreferenceLM(model=str(tiny_llama_dir), method="dpo", beta=0.5, dtype="fp32", lr=1e-2)
+    data = PreferenceDataModule(str(write_pairs(tmp / "pairs.jsonl")), max_length=64, batch_size=4, val_split=8)
+    trainer = L.Trainer(
+        plugins=[NF4Precision(compute_dtype="fp32")],
+        callbacks=[LoRA(r=8, alpha=16, dropout=0.0, export_dir=str(tmp / "adapter")), NonFiniteGuard()],
+        strategy=PagedOptimizerStrategy(),
+        max_steps=8, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=-1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return module, trainer, data, tmp
+
+
+def test_dpo_fit_raises_held_out_accuracy_and_margins(fitted):
+    module, trainer, _, tmp = fitted
+    history = [values for _, values in module.preference_history]
+    assert [step for step, _ in module.preference_history] == [0, 4, 8]
+    first, last = history[0], history[-1]
+    assert first["margins"] == 0.0 and first["accuracies"] == 0.0  # before training the policy is the reference
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert last["accuracies"] == 1.0 and last["margins"] > 0.5 and last["loss"] < 0.5 * first["loss"], history
+    assert [loss for _, loss in module.val_history] == [values["loss"] for values in history]
+    for key in ("train_loss", "train_rewards/margins", "train_rewards/accuracies", "val_rewards/chosen", "val_loss"):
+        assert key in trainer.callback_metrics, key
+    assert (tmp / "adapter" / "adapter_config.json").is_file()  # the PEFT export still works
+    assert sum(is_4bit_linear(m) for m in module.model.modules()) == 14
+
+
+def test_one_model_in_memory(fitted):
+    module = fitted[0]
+    assert [m for m in module.modules() if isinstance(m, GenerationMixin)] == [module.model]
+    assert sum(isinstance(m, torch.nn.Embedding) for m in module.modules()) == 1
+    assert {id(p) for p in module.parameters()} == {id(p) for p in module.model.parameters()}
+    assert sum(is_4bit_linear(m) for m in module.modules()) == 14  # 2 layers x 7 linears: one base, no copy
+
+
+def test_reference_logps_equal_a_separately_loaded_base_bit_for_bit(fitted, tiny_llama_dir):
+    module, trainer, data, _ = fitted
+    base = load_causal_lm(tiny_llama_dir, quantization=trainer.precision_plugin.config, dtype=torch.float32)
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        reference = module.reference_logps(batch)
+        policy = model_sequence_logps(module.model, batch["input_ids"], batch["labels"], batch["attention_mask"])[0]
+        separate = model_sequence_logps(base.eval(), batch["input_ids"], batch["labels"], batch["attention_mask"])[0]
+    assert torch.equal(reference, separate)
+    assert not torch.allclose(policy, reference)  # the adapters did move: the reference is not the policy
+
+
+@pytest.mark.parametrize("method", ["ipo", "orpo"])
+def test_ipo_and_orpo_steps_train_the_adapters(tiny_llama_dir, tmp_path, method):
+    module = PreferenceLM(model=str(tiny_llama_dir), method=method, dtype="fp32")
+    module.configure_model()
+    inject_lora(module.model, LoRAConfig(r=4, dropout=0.0))
+    mark_only_lora_trainable(module.model)
+    data = PreferenceDataModule(str(write_pairs(tmp_path / "pairs.jsonl", 6)), val_split=2, batch_size=2)
+    data.connect(module.tokenizer).setup()
+    out, tokens = module.preference_step(next(iter(data.train_dataloader())))
+    out.loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads) and int(tokens) > 0
+    if method == "orpo":
+        assert out.loss > 0 and torch.isfinite(out.chosen_rewards).all()
+    else:  # B = 0: the policy is the reference, so IPO's loss is (0 - 1/(2β))²
+        assert float(out.loss.detach()) == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)
+
+
+def test_dpo_needs_adapters_and_bad_arguments_are_one_line_errors(tiny_llama_dir, tmp_path):
+    module = PreferenceLM(model=str(tiny_llama_dir), dtype="fp32")
+    module.configure_model()
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="needs LoRA adapters") as err:
+        module.preference_step(batch)
+    assert "\n" not in str(err.value)
+    for kwargs, fragment in (({"method": "kto"}, "use one of dpo, ipo, orpo"), ({"beta": 0}, "positive"),
+                             ({"label_smoothing": 0.5}, "in [0, 0.5)"),
+                             ({"method": "ipo", "label_smoothing": 0.1}, "DPO's flip rate")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            PreferenceLM(model=str(tiny_llama_dir), **kwargs)

@@ -1,6 +1,8 @@
 """``lightning-qlora``: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and ``evaluate`` (lm-eval).
 
-``lightning-qlora memory --config recipe.yaml`` prints the memory plan of a recipe (see :mod:`.memory_cli`).
+``lightning-qlora memory --config recipe.yaml`` prints the memory plan of a recipe (see :mod:`.memory_cli`);
+``lightning-qlora export --format gguf|safetensors|peft`` writes the fine-tune for llama.cpp/Ollama, transformers or
+PEFT (see :mod:`.export`).
 """
 
 from __future__ import annotations
@@ -324,7 +326,23 @@ def main(args: list[str] | None = None) -> None:
             from lightning_qlora.cli.memory import memory_command
 
             return memory_command(argv[1:])
+        if argv[:1] == ["export"]:  # builds the model itself: no trainer
+            from lightning_qlora.cli.export import export_command
+
+            return export_command(argv[1:])
         _check_config_files(argv)
+        if argv[:1] == ["generate"]:  # inference on the trained model (cli/inference.py builds it)
+            from lightning_qlora.cli.generate import generate_command
+
+            return generate_command(argv[1:], OneLineErrorParser)
+        if argv[:1] == ["chat"]:
+            from lightning_qlora.cli.chat import chat_command
+
+            return chat_command(argv[1:], OneLineErrorParser)
+        if argv[:1] == ["serve"]:
+            from lightning_qlora.cli.serve import serve_command
+
+            return serve_command(argv[1:], OneLineErrorParser)
         try:
             QLoRACLI(
                 model_class=pl.LightningModule,

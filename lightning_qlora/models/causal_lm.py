@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lightning_qlora.models.generation import GenerationOptions, generate
 from lightning_qlora.models.sources import ModelSourceError, load_causal_lm, resolve_model_dir, safetensors_files
 from lightning_qlora.quantization.nf4 import QuantizationConfig
 from lightning_qlora.utils.dtypes import to_dtype
@@ -80,6 +81,8 @@ class CausalLM(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_history: list[tuple[int, float]] = []
         """``(global_step, held-out loss)`` after every validation pass, sanity check included."""
+        self.generation = GenerationOptions()
+        """Decoding options of :meth:`predict_step` (greedy by default; ``lightning-qlora generate`` sets them)."""
 
     # ------------------------------------------------------------------ building
     @property
@@ -188,6 +191,35 @@ class CausalLM(pl.LightningModule):
         self.log("val_ppl", torch.exp(value), sync_dist=True)
         if not math.isnan(float(value)):
             self.val_history.append((self.global_step, float(value)))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Complete each prompt of a left-padded batch with transformers' ``generate`` (KV cache, :attr:`generation`).
+
+        Args:
+            batch: ``input_ids`` and ``attention_mask`` padded on the left and, optionally, ``rows`` (one dict per
+                prompt, copied into its prediction); :class:`~lightning_qlora.models.generation.PromptCollator`
+                builds it.
+            batch_idx: index of the batch (a sampling ``seed`` becomes ``seed + batch_idx``).
+            dataloader_idx: unused.
+
+        Returns:
+            One dict per prompt: its row's fields plus ``completion``, ``finish_reason`` (``stop``/``length``),
+            ``prompt_tokens`` and ``completion_tokens``.
+        """
+        options = self.generation
+        seed = None if options.seed is None else options.seed + batch_idx
+        completions = generate(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], options, seed)
+        rows = batch.get("rows") or [{} for _ in completions]
+        return [
+            {
+                **row,
+                "completion": c.text,
+                "finish_reason": c.finish_reason,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+            }
+            for row, c in zip(rows, completions)
+        ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the held-out loss history, so a resumed run still reports the loss before training."""

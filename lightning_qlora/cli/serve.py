@@ -1,0 +1,177 @@
+"""``lightning-qlora serve``: an OpenAI-compatible HTTP server over the fine-tuned model, built on LitServe.
+
+.. code-block:: bash
+
+    lightning-qlora serve --config recipes/demo/smollm2-135m-faq.yaml --port 8000   # http://127.0.0.1:8000/v1
+
+``/v1/chat/completions`` (the chat template the model was trained with), ``/v1/completions`` (plain prompts) and
+``/v1/models``, as JSON or server-sent events (``"stream": true``). It listens on 127.0.0.1 unless ``--host 0.0.0.0``
+is given. Requests are checked and rendered by the API server process (bad ones get a 400 JSON error and never reach
+the model) and queued for the model's worker process, which answers them one at a time (``--workers N``: N copies
+of the model on the device, answering N requests at once).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import HTTPException
+from lightning.pytorch.cli import LightningArgumentParser
+
+from lightning_qlora.cli.inference import Inference, InferenceCLI, quiet_lightning
+from lightning_qlora.cli.openai_spec import OpenAIServeSpec, PreparedCompletion, PromptRenderer, add_error_handlers
+from lightning_qlora.models.generation import GenerationOptions, TextStream, context_window, encode_prompts
+from lightning_qlora.utils.errors import first_line
+
+DESCRIPTION = "Serve the fine-tuned model over an OpenAI-compatible HTTP API (LitServe)."
+
+
+def _arguments(parser: LightningArgumentParser) -> None:
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="127.0.0.1 (this machine only) or 0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
+    parser.add_argument(
+        "--model_name", type=str | None, default=None, help="the id /v1/models lists (default: the run)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="model copies answering requests at once")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait in the queue")
+    parser.add_argument("--log_level", type=str, default="info", help="uvicorn/LitServe log level")
+
+
+class QLoRAServeAPI(ls.LitAPI):
+    """LitServe's worker side: builds the model in ``setup`` and streams each queued request's answer.
+
+    Args:
+        args: the ``serve`` command line; the worker reads the recipe again (it runs in a process of its own).
+        parser_class: the CLI's parser class.
+        spec: the OpenAI spec (it checked and rendered the requests).
+    """
+
+    def __init__(self, args: list[str], parser_class: type[LightningArgumentParser], spec: OpenAIServeSpec) -> None:
+        super().__init__(spec=spec, max_batch_size=1)
+        self.args = list(args)
+        self.parser_class = parser_class
+        self.inference: Inference | None = None
+
+    def setup(self, device: Any) -> None:
+        """Build the 4-bit model and load its adapter on ``device`` (:func:`~.inference.load_for_inference`)."""
+        quiet_lightning()
+        cli = InferenceCLI(
+            self.args, self.parser_class, "lightning-qlora serve", DESCRIPTION, _arguments, device=device
+        )
+        self.inference = cli.inference().load()
+        print(f"lightning-qlora serve: worker ready on {device}: {self.inference.loaded}", file=sys.stderr, flush=True)
+
+    def decode_request(self, request: Any, **kwargs: Any) -> Any:
+        """The request as the API server prepared it (rendered prompt, decoding options)."""
+        return request
+
+    def predict(self, request: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """Stream the answer: chat deltas (``role``/``content``) or completion text, usage and finish reason last."""
+        inference = self.inference
+        assert inference is not None, "setup() builds the model first"
+        chat = not isinstance(request, PreparedCompletion)
+        try:
+            options = GenerationOptions(**request.options)
+            add_special = inference.add_special_tokens if chat else True  # plain prompts: the tokenizer's own BOS
+            batch = encode_prompts(inference.tokenizer, [request.prompt_text], add_special)
+            stream = TextStream(
+                inference.model,
+                inference.tokenizer,
+                batch["input_ids"],
+                batch["attention_mask"],
+                options,
+                inference.forward_context,
+            )
+            for piece in stream:
+                yield {"role": "assistant", "content": piece} if chat else {"text": piece}
+        except ValueError as err:  # checked by the API server already; a 400 all the same
+            raise HTTPException(status_code=400, detail=first_line(err)) from None
+        done = stream.completion
+        assert done is not None
+        usage = {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "finish_reason": done.finish_reason,
+        }
+        yield {"role": "assistant", "content": "", **usage} if chat else {"text": "", **usage}
+
+    def encode_response(self, output: Iterator[dict[str, Any]], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The predicted dicts as they are (the spec formats them)."""
+        yield from output
+
+
+def served_name(inference: Inference) -> str:
+    """The model id: the run folder of the adapter (``runs/<run>/adapter`` → ``<run>``), else the base model's name."""
+    if inference.adapter is not None:
+        path = Path(inference.adapter).expanduser().resolve()
+        path = path.parent if path.is_file() else path
+        return path.parent.name if path.name in ("adapter", "checkpoints") and path.parent.name else path.name
+    return Path(str(getattr(inference.module, "source", "model"))).stem or "model"
+
+
+def _model_context_window(inference: Inference) -> int | None:
+    """The context window from the model's ``config.json``, read without building the model."""
+    model_dir = getattr(inference.module, "model_dir", None)
+    if model_dir is None:
+        return None
+    from transformers import AutoConfig
+
+    trust = bool(getattr(inference.module, "hparams", {}).get("trust_remote_code", False))
+    return context_window(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust))
+
+
+def serve_api(args: list[str], parser_class: type[LightningArgumentParser]) -> tuple[QLoRAServeAPI, InferenceCLI]:
+    """The LitAPI to serve (its spec checks and renders requests) and the parsed command line.
+
+    The recipe is read and the tokenizer loaded here, so bad options fail before anything starts; the model is built
+    later, in LitServe's worker process (:meth:`QLoRAServeAPI.setup`).
+
+    Raises:
+        ValueError: for bad options.
+        FileNotFoundError: for a missing adapter.
+    """
+    cli = InferenceCLI(args, parser_class, "lightning-qlora serve", DESCRIPTION, _arguments)
+    config = cli.config_init
+    for name in ("workers", "port"):
+        if type(config[name]) is not int or config[name] < 1:
+            raise ValueError(f"--{name} {config[name]!r}: pass a whole number >= 1")
+    inference = cli.inference()
+    if inference.adapter is not None and not Path(inference.adapter).expanduser().exists():
+        raise FileNotFoundError(f"adapter {inference.adapter} does not exist; pass a PEFT adapter folder or a .ckpt")
+    window = _model_context_window(inference)
+    renderer = PromptRenderer(inference.tokenizer, inference.style, inference.system_prompt, window, inference.options)
+    spec = OpenAIServeSpec(renderer, config["model_name"] or served_name(inference))
+    return QLoRAServeAPI(args, parser_class, spec), cli
+
+
+def serve_command(args: list[str], parser_class: type[LightningArgumentParser] = LightningArgumentParser) -> None:
+    """Run ``lightning-qlora serve`` with ``args`` (the command line after ``serve``) until interrupted.
+
+    Args:
+        args: the options.
+        parser_class: the CLI's parser class (``lightning_qlora.cli.main.OneLineErrorParser``).
+
+    Raises:
+        ValueError: for bad options, host or port (the CLI prints one line).
+    """
+    api, cli = serve_api(args, parser_class)
+    config = cli.config_init
+    server = ls.LitServer(
+        api,
+        accelerator=cli.trainer.strategy.root_device.type,
+        devices=1,
+        workers_per_device=config["workers"],
+        timeout=config["timeout"],
+    )
+    add_error_handlers(server.app)
+    host, port = config["host"], config["port"]
+    print(f"lightning-qlora serve: {api.spec.model_name} at http://{host}:{port}/v1 (Ctrl+C stops)", file=sys.stderr)
+    server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level=config["log_level"])
+
+
+__all__ = ["QLoRAServeAPI", "serve_api", "serve_command", "served_name"]

@@ -1,0 +1,140 @@
+"""`lightning-qlora chat` through a pipe and a pseudo-terminal: streamed answers, the conversation kept through the
+chat template, `/reset`, `/exit` and end of input.
+
+The chat runs in a fork of this process (torch, Lightning and transformers already imported; a fresh interpreter
+costs about 10 s of CPU here) with its stdin a pipe, or a pseudo-terminal driven by pexpect.
+"""
+
+import io
+import os
+import pty
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import Forked, build_tiny_llama
+from lightning.pytorch.cli import LightningArgumentParser
+
+from lightning_qlora.cli.inference import InferenceCLI
+from lightning_qlora.cli.main import main
+from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
+from lightning_qlora.lora.peft_format import export_peft
+from lightning_qlora.models.generation import encode_prompts, generate
+
+QUESTIONS = ["What is the capital of France?", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir, tmp_path_factory):
+    """A recipe and a random PEFT adapter for the tiny Llama; the answers the chat must give, computed here."""
+    root = tmp_path_factory.mktemp("chat")
+    model = build_tiny_llama()
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
+    inject_lora(model, config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.normal_(0, 0.5)
+    export_peft(model, root / "adapter", config)
+    recipe = root / "recipe.yaml"
+    nf4 = {"class_path": "lightning_qlora.NF4Precision", "init_args": {"compute_dtype": "fp32"}}
+    model_args = {"model": str(tiny_llama_dir), "dtype": "fp32"}
+    recipe.write_text(yaml.safe_dump({
+        "trainer": {"plugins": [nf4]}, "model": {"class_path": "lightning_qlora.CausalLM", "init_args": model_args}
+    }))  # fmt: skip
+    args = ["--config", str(recipe), "--adapter", str(root / "adapter"), "--max_new_tokens", "6"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inference = InferenceCLI(args, LightningArgumentParser, "chat", "test").inference().load()
+        first = answer(inference, [QUESTIONS[0]], [])
+        second = answer(inference, [QUESTIONS[0], QUESTIONS[1]], [first])
+    finally:
+        torch.set_num_threads(threads)
+    assert second != answer(inference, [QUESTIONS[1]], [])  # the first turn changes the second answer
+    return {"root": root, "args": args, "first": first, "second": second}
+
+
+def answer(inference, questions, answers):
+    """Greedy answer to the last question after the earlier turns, rendered with the chat template."""
+    messages = []
+    for i, question in enumerate(questions):
+        messages.append({"role": "user", "content": question})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    batch = encode_prompts(inference.tokenizer, [inference.render(messages)], inference.add_special_tokens)
+    with torch.no_grad():
+        return generate(inference.model, inference.tokenizer, batch["input_ids"], batch["attention_mask"],
+                        inference.options)[0].text  # fmt: skip
+
+
+def chat_in_fork(args):
+    """The body of a forked chat process: stdin, stdout and stderr are file descriptors 0, 1 and 2."""
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.argv = ["lightning-qlora"]
+    main(["chat", *args])
+
+
+def test_piped_input_gets_only_the_answers_and_ends_at_eof(setup, tmp_path):
+    read, write = os.pipe()
+
+    def target():
+        os.dup2(read, 0)
+        os.close(write)
+        chat_in_fork(setup["args"])
+
+    child = Forked(target, tmp_path, "chat-pipe")
+    os.close(read)
+    script = f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\n/reset\n{QUESTIONS[0]}\n"  # an empty line is skipped
+    os.write(write, script.encode())
+    os.close(write)  # end of input: the chat ends by itself
+    result = child.output(timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{setup['first']}\n{setup['second']}\n{setup['first']}\n"
+    assert "Traceback" not in result.stderr and ">>" not in result.stdout
+
+
+def test_terminal_session_streams_resets_and_exits(setup):
+    import pexpect.fdpexpect
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            torch.set_num_threads(1)
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+            chat_in_fork(setup["args"])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    terminal = pexpect.fdpexpect.fdspawn(fd, timeout=60, encoding="utf-8")
+    try:
+        terminal.expect_exact("/reset")  # the banner names the commands
+        answers = []
+        for line in [QUESTIONS[0], QUESTIONS[1], "/reset", QUESTIONS[0]]:
+            terminal.expect_exact(">> ")
+            terminal.sendline(line)
+            if not line.startswith("/"):
+                terminal.expect_exact(">> ")
+                echoed, _, said = terminal.before.replace("\r\n", "\n").partition("\n")
+                answers.append(said.removesuffix("\n"))
+                terminal.sendline("")  # an empty line: a new prompt, nothing asked
+        assert answers == [setup["first"], setup["second"], setup["first"]]
+        terminal.expect_exact(">> ")
+        terminal.sendline("/exit")
+        terminal.expect(pexpect.EOF)
+    finally:
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            done = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -1,0 +1,225 @@
+"""`lightning-qlora serve` answered by the `openai` client on 127.0.0.1: a completion, a streamed chat, 8 concurrent
+requests, malformed requests each a 4xx JSON error, and the server still serving after them.
+
+One server for the module: a fork of this process runs `main(["serve", ...])` in a process group of its own (so every
+process LitServe starts is stopped at the end); answers are checked against greedy decoding of the same 4-bit model
+and adapter here.
+"""
+
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import yaml
+from conftest import build_tiny_llama
+from lightning.pytorch.cli import LightningArgumentParser
+
+from lightning_qlora.cli.inference import InferenceCLI
+from lightning_qlora.cli.main import main
+from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
+from lightning_qlora.lora.peft_format import export_peft
+from lightning_qlora.models.generation import GenerationOptions, encode_prompts, generate
+
+QUESTION = "What is the capital of France?"
+PROMPT = "The quick brown fox"
+
+
+def http(method, url, body=None, timeout=60):
+    """``(status, body bytes)`` of one request; ``body``: JSON-able, or raw bytes."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = build_tiny_llama()
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
+    inject_lora(model, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.normal_(0, 0.5)
+    export_peft(model, root / "run" / "adapter", config)
+    recipe = root / "recipe.yaml"
+    nf4 = {"class_path": "lightning_qlora.NF4Precision", "init_args": {"compute_dtype": "fp32"}}
+    model_args = {"model": str(tiny_llama_dir), "dtype": "fp32"}
+    recipe.write_text(yaml.safe_dump({
+        "trainer": {"plugins": [nf4]}, "model": {"class_path": "lightning_qlora.CausalLM", "init_args": model_args}
+    }))  # fmt: skip
+    port = free_port()
+    args = ["--config", str(recipe), "--adapter", str(root / "run" / "adapter"), "--max_new_tokens", "8"]
+
+    pid = serve_in_fork(args + ["--port", str(port), "--log_level", "warning"], root)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if http("GET", f"{base}/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{(root / 'server.err').read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield {"base": base, "args": args, "name": "run", "pid": pid}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # the server's process group: its API server and model worker too
+        os.waitpid(pid, 0)
+
+
+def serve_in_fork(args, out_dir):
+    """``lightning-qlora serve`` in a fork of this process, leading a process group of its own.
+
+    LitServe spawns its model worker (a fresh interpreter: about 10 s of imports on the 2-core CI machine); here it is
+    forked instead, as this process already imported everything (``test_the_api_pickles`` checks what spawning
+    pickles).
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: never returns into pytest
+        os.setpgid(0, 0)
+        for fd, name in ((1, "server.out"), (2, "server.err")):
+            handle = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(handle, fd)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        torch.set_num_threads(1)  # decoding is many tiny ops
+        spawn = multiprocessing.get_context
+        multiprocessing.get_context = lambda method=None: spawn("fork" if method == "spawn" else method)
+        sys.argv = ["lightning-qlora"]
+        main(["serve", *args])
+    finally:
+        os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def expected(server):
+    """Greedy answers of the same 4-bit model and adapter, in this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inference = InferenceCLI(server["args"], LightningArgumentParser, "serve", "test").inference().load()
+        tok = inference.tokenizer
+        chat = encode_prompts(tok, [inference.render([{"role": "user", "content": QUESTION}])], False)
+        plain = encode_prompts(tok, [PROMPT], True)
+        with torch.no_grad():
+            answers = [generate(inference.model, tok, b["input_ids"], b["attention_mask"], GenerationOptions(n))[0]
+                       for b, n in ((chat, 8), (plain, 5))]  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return {"chat": answers[0], "completion": answers[1]}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server['base']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, max_tokens=None, **kwargs):
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    return client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": QUESTION}], **extra, **kwargs
+    )
+
+
+def test_models_lists_the_run(client, server):
+    assert [m.id for m in client.models.list().data] == [server["name"]]
+
+
+def test_a_completion(client, expected):
+    done = client.completions.create(model="run", prompt=PROMPT, max_tokens=5)
+    choice = done.choices[0]
+    assert choice.text == expected["completion"].text
+    assert choice.finish_reason == expected["completion"].finish_reason
+    assert done.usage.completion_tokens == expected["completion"].completion_tokens
+    assert done.usage.prompt_tokens == expected["completion"].prompt_tokens
+
+
+def test_a_streamed_chat(client, expected):
+    chunks = list(chat(client, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == expected["chat"].text
+    assert chunks[-1].choices[0].finish_reason == expected["chat"].finish_reason
+    whole = chat(client)
+    assert whole.choices[0].message.content == expected["chat"].text
+    assert whole.usage.completion_tokens == expected["chat"].completion_tokens
+    short = chat(client, max_tokens=2)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+
+
+def test_eight_concurrent_requests_are_all_answered(client, expected):
+    def ask(i):
+        if i % 2:
+            return client.completions.create(model="run", prompt=PROMPT, max_tokens=5).choices[0].text
+        return chat(client).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers == [expected["completion"].text if i % 2 else expected["chat"].text for i in range(8)]
+
+
+MALFORMED = [
+    ("POST", "/v1/chat/completions", b"{not json"),
+    ("POST", "/v1/chat/completions", {"model": "x"}),
+    ("POST", "/v1/chat/completions", {"messages": "hello"}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0, "stream": True},
+    ),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}], "stream": True}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 100}),
+    ("POST", "/v1/completions", {"prompt": [1, 2, 3]}),
+    ("POST", "/v1/completions", {"prompt": "fox " * 300}),
+    ("POST", "/v1/completions", {"prompt": "hi", "top_p": 0}),
+    ("GET", "/v1/chat/completions", None),
+]
+
+
+def test_malformed_requests_get_4xx_json_and_the_server_keeps_serving(client, server, expected):
+    for method, path, body in MALFORMED:
+        status, text = http(method, server["base"] + path, body)
+        assert 400 <= status < 500, (path, body, status, text)
+        assert json.loads(text)["error"]["message"], text
+    assert http("GET", f"{server['base']}/health")[0] == 200
+    assert chat(client).choices[0].message.content == expected["chat"].text
+    assert os.waitpid(server["pid"], os.WNOHANG)[0] == 0  # still running
+
+
+def test_the_api_pickles_as_litserve_spawns_it(server):
+    from lightning_qlora.cli.serve import serve_api
+
+    api, _ = serve_api(server["args"], LightningArgumentParser)
+    again = pickle.loads(pickle.dumps(api))
+    assert again.args == server["args"] and again.spec.renderer.tokenizer("fox")["input_ids"]

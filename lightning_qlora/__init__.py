@@ -2,6 +2,7 @@
 
 from lightning_qlora.callbacks import (
     ExactResume,
+    JSONLPredictionWriter,
     LoRA,
     NonFiniteGuard,
     OutOfMemoryAdvice,
@@ -9,11 +10,12 @@ from lightning_qlora.callbacks import (
     ResumableCheckpoint,
     RunLock,
     RunSummary,
+    SampleAnswers,
 )
-from lightning_qlora.data import InstructionDataModule
+from lightning_qlora.data import InstructionDataModule, PreferenceDataModule
 from lightning_qlora.lora import LoRAConfig, LoRALinear
 from lightning_qlora.memory import Footprint, LiveTensorTracker, MemoryPlan, measure_footprint, plan_memory
-from lightning_qlora.models import CausalLM, compile_blocks
+from lightning_qlora.models import CausalLM, PreferenceLM, compile_blocks
 from lightning_qlora.plugins import AtomicCheckpointIO, NF4Precision
 from lightning_qlora.quantization import QuantizationConfig, quantize_model
 from lightning_qlora.strategies import (
@@ -32,6 +34,7 @@ __all__ = [
     "ExactResume",
     "Footprint",
     "InstructionDataModule",
+    "JSONLPredictionWriter",
     "LiveTensorTracker",
     "LoRA",
     "LoRAConfig",
@@ -43,6 +46,8 @@ __all__ = [
     "OutOfMemoryAdvice",
     "PagedDDPStrategy",
     "PagedOptimizerStrategy",
+    "PreferenceDataModule",
+    "PreferenceLM",
     "QLoRAProgressBar",
     "QLoRAFSDP2Strategy",
     "QLoRAFSDPStrategy",
@@ -50,6 +55,7 @@ __all__ = [
     "ResumableCheckpoint",
     "RunLock",
     "RunSummary",
+    "SampleAnswers",
     "compile_blocks",
     "measure_footprint",
     "plan_memory",

@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:  # `pytest -n N`: one torch thread per core and worker (2 workers x 2 threads on 2 cores thrash)
+    _THREADS = max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))  # the subprocesses tests start, too
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Question: What is the capital of France? Answer: Paris.",

@@ -6,7 +6,7 @@ import contextlib
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -23,9 +23,11 @@ from lightning_qlora.callbacks.run_lock import (
 )
 from lightning_qlora.lora.experts import inject_expert_lora
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
+from lightning_qlora.lora.loftq import checkpoint_tensors, loftq_init_model
 from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
 from lightning_qlora.models.compilation import compile_blocks, graph_break_counts, graph_break_report
+from lightning_qlora.models.sources import safetensors_files
 from lightning_qlora.plugins.checkpoint_io import use_atomic_checkpoint_io
 from lightning_qlora.utils.atomic import DiskFullError, is_disk_full
 from lightning_qlora.utils.finite import check_finite_tensors
@@ -65,6 +67,9 @@ class LoRA(Callback):
         adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints (written atomically and loaded
             with ``weights_only=True``: Lightning's default checkpoint IO is swapped for ``AtomicCheckpointIO``).
         export_dir: if set, write a PEFT adapter (``adapter_config.json`` + safetensors) here at the end of fit.
+        init: ``"zeros"`` (B = 0: the model starts as its base) or ``"loftq"``: A and B from the truncated SVD of
+            each 4-bit layer's rounding error ``W − deq(Q)``, ``W`` read from the base checkpoint
+            (:mod:`~lightning_qlora.lora.loftq`); the exported adapter then belongs on the same 4-bit base.
 
     Raises:
         ValueError: for r ≤ 0, a target that matches nothing, or a model without linear layers.
@@ -88,6 +93,7 @@ class LoRA(Callback):
         fused: bool = True,
         adapter_only_checkpoints: bool = True,
         export_dir: str | None = None,
+        init: Literal["zeros", "loftq"] = "zeros",
     ) -> None:
         checkpoint_kwargs(checkpoint_mode)  # fail now on a bad mode, not at fit start
         if checkpoint_every_n_layers < 1:
@@ -101,6 +107,7 @@ class LoRA(Callback):
             use_rslora=use_rslora,
             dtype=dtype,
             fused=fused,
+            init=init,
         )
         self.trainable_modules = list(trainable_modules or [])
         self.gradient_checkpointing = gradient_checkpointing
@@ -135,6 +142,8 @@ class LoRA(Callback):
         self.injected += names
         self.trainable_params = mark_only_lora_trainable(pl_module, self.trainable_modules)
         root = model_root(pl_module)
+        if self.config.init == "loftq" and names:
+            loftq_from_checkpoint(root)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(root, self.checkpoint_mode, self.checkpoint_every_n_layers)
         if self.compile_blocks:
@@ -216,6 +225,27 @@ class LoRA(Callback):
             needed = sum(p.numel() * p.element_size() for p in root.parameters() if p.requires_grad)
             raise DiskFullError(Path(self.export_dir), needed) from err
         rank_zero_info(f"LoRA: PEFT adapter written to {path}")
+
+
+def loftq_from_checkpoint(root: nn.Module) -> None:
+    """LoftQ-initialise ``root``'s adapters from the weights in its checkpoint folder (``config._name_or_path``).
+
+    Raises:
+        ValueError: if the model has no checkpoint folder with safetensors, or a 4-bit layer's weight is missing.
+    """
+    source = getattr(getattr(root, "config", None), "_name_or_path", None)
+    if not source or not Path(source).is_dir():
+        raise ValueError(
+            f"LoRA(init='loftq') reads W from the base checkpoint, but the model's source {source!r} is not a local "
+            "folder; load the model from a folder (CausalLM does) or use init='zeros'"
+        )
+    done, skipped = loftq_init_model(root, checkpoint_tensors(safetensors_files(Path(source))))
+    if skipped:
+        rank_zero_warn(
+            f"LoRA(init='loftq'): {len(skipped)} adapted layers (e.g. {skipped[0]}) have no 4-bit base, so no rounding "
+            "error to start from; they keep the zero init (use NF4Precision, loading the model in configure_model)"
+        )
+    rank_zero_info(f"LoRA: LoftQ init of {len(done)} layers from {source}")
 
 
 def when_built(pl_module: pl.LightningModule, apply: Callable[[nn.Module], Any]) -> None:

@@ -1,22 +1,39 @@
-"""Reading and validating instruction rows, prompt rendering and response-only label masking.
+"""Validating instruction rows, prompt rendering and response-only label masking.
 
-Rows are read from ``.json``/``.jsonl`` files, ``pkg://`` package resources or ``datasets`` hub names, then
-normalized to ``{"role", "content"}`` messages (Alpaca rows become one user and one assistant turn),
-rendered with the tokenizer's chat template or the standard Alpaca prompt, and tokenized so that only
-assistant turns (plus the end-of-turn token that closes each) carry labels.
+Rows are read from ``.json``/``.jsonl`` files, ``pkg://`` package resources or ``datasets`` hub names
+(:mod:`lightning_qlora.data.rows`, re-exported here), then normalized to ``{"role", "content"}`` messages (Alpaca rows
+become one user and one assistant turn), rendered with the tokenizer's chat template or the standard Alpaca prompt,
+and tokenized so that only assistant turns (plus the end-of-turn token that closes each) carry labels; how a
+template is split into prompt and response is :mod:`lightning_qlora.data.templates`.
 """
 
 from __future__ import annotations
 
-import importlib.resources
-import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+from lightning_qlora.data.rows import DataError, RowSource, read_rows
+from lightning_qlora.data.templates import assistant_spans, common_prefix, generation_template, split_problem, trim_span
 from lightning_qlora.utils.errors import first_line
+
+__all__ = [
+    "ALPACA_PREAMBLE",
+    "ALPACA_PREAMBLE_INPUT",
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_INPUT",
+    "IGNORE_INDEX",
+    "DataError",
+    "Encoded",
+    "PromptEncoder",
+    "PromptStyle",
+    "RowFormat",
+    "RowSource",
+    "detect_format",
+    "normalize_row",
+    "read_rows",
+    "render_alpaca",
+]
 
 IGNORE_INDEX = -100
 
@@ -37,161 +54,6 @@ ALPACA_PROMPT_INPUT = (
 
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "prompter": "user"}
 _CHAT_KEYS = ("messages", "conversations")
-_FILE_SUFFIXES = (".json", ".jsonl")
-_LOOKS_LIKE_FILE = (*_FILE_SUFFIXES, ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz", ".zip", ".yaml", ".yml")
-
-
-class DataError(ValueError):
-    """A problem with the training data: a one-line message naming the input and what to do."""
-
-
-@dataclass
-class RowSource:
-    """Where rows came from, to name a row in error messages (``data.jsonl line 7``, ``data.json row 3``)."""
-
-    name: str
-    lines: list[int] | None = None  # JSONL line numbers (1-based) per row
-    zero_based: bool = False
-
-    parts: list[tuple[int, RowSource]] | None = None  # a folder: (first row, source) per file, in order
-
-    def where(self, i: int) -> str:
-        """Name row ``i`` (0-based position in the parsed rows)."""
-        if self.parts is not None:
-            start, part = next((s, p) for s, p in reversed(self.parts) if s <= i)
-            return part.where(i - start)
-        if self.lines is not None:
-            return f"{self.name} line {self.lines[i]}"
-        return f"{self.name} {'index' if self.zero_based else 'row'} {i if self.zero_based else i + 1}"
-
-
-def _parse_text(text: str, name: str, suffix: str) -> tuple[list[Any], RowSource]:
-    if suffix == ".jsonl":
-        rows, lines = [], []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{name} line {lineno}: invalid JSON ({err.msg}); fix or remove the row") from None
-            lines.append(lineno)
-        source = RowSource(name, lines)
-    else:
-        if not text.strip():
-            rows = []
-        else:
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{name}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg}); fix the file"
-                ) from None
-        if not isinstance(rows, list):
-            raise DataError(f"{name}: expected a JSON list of rows, got {type(rows).__name__}; use a list or .jsonl")
-        source = RowSource(name)
-    if not rows:
-        raise DataError(f"{name}: file is empty (no rows); add rows or point to the right file")
-    return rows, source
-
-
-def _read_text(read: Callable[[], str], name: str) -> str:
-    try:
-        return read()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{name}: cannot read file (not UTF-8 text: {err.reason}); save it as UTF-8 JSON") from None
-    except OSError as err:
-        raise DataError(f"{name}: cannot read file ({err.strerror or first_line(err)}); check permissions") from None
-
-
-def read_rows(path: str) -> tuple[list[Any], RowSource]:
-    """Read raw rows from a local file or folder of files, a ``pkg://package/relative/path`` resource or a hub name.
-
-    Hub names may carry a split as ``name:split`` (default ``train``); they are only tried when ``path`` is
-    not an existing local file and does not look like one.
-
-    Args:
-        path: The data location.
-
-    Returns:
-        The parsed rows and their source (used to name rows in errors).
-
-    Raises:
-        DataError: If the file is missing, unreadable, empty, not valid JSON, or the dataset cannot be loaded.
-    """
-    if path.startswith("pkg://"):
-        package, _, rel = path[len("pkg://") :].partition("/")
-        try:
-            resource = importlib.resources.files(package)
-        except (ModuleNotFoundError, TypeError, ValueError):
-            raise DataError(f"{path}: package '{package}' is not installed; pip install it or fix the path") from None
-        for part in filter(None, rel.split("/")):
-            resource = resource / part
-        if not rel or not resource.is_file():
-            raise DataError(f"{path}: no file '{rel}' in package '{package}'; check the relative path")
-        suffix = os.path.splitext(rel)[1].lower()
-        if suffix not in _FILE_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type '{suffix}'; use .json or .jsonl")
-        return _parse_text(_read_text(lambda: resource.read_text(encoding="utf-8-sig"), path), path, suffix)
-    local = Path(os.path.expanduser(path))
-    suffix = local.suffix.lower()
-    if local.is_dir():
-        return _read_folder(local, path)
-    if local.exists() and (local.is_file() or suffix in _FILE_SUFFIXES):
-        if suffix not in _FILE_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type '{suffix}'; use .json (a list of rows) or .jsonl")
-        return _parse_text(_read_text(lambda: local.read_text(encoding="utf-8-sig"), path), path, suffix)
-    if not local.exists() and (suffix in _LOOKS_LIKE_FILE or path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise DataError(f"{path}: file not found (relative paths start at {os.getcwd()}); check the path")
-    return _load_hub(path)
-
-
-def _read_folder(folder: Path, path: str) -> tuple[list[Any], RowSource]:
-    """Every ``.json``/``.jsonl`` file under ``folder`` (sorted), each read and validated as it would be alone.
-
-    Hidden files and README/LICENSE files are skipped; any other data file (``.csv``, ``.parquet``, ...) is refused
-    as it would be alone, rather than merged through ``datasets`` with its own type guessing.
-    """
-    files = sorted(
-        f for f in folder.rglob("*")
-        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)
-        and not f.name.upper().startswith(("README", "LICENSE"))
-    )  # fmt: skip
-    for file in files:
-        if file.suffix.lower() not in _FILE_SUFFIXES:
-            raise DataError(
-                f"{path}: folder holds {file.relative_to(folder)}, an unsupported file type; keep only .json/.jsonl "
-                "files in it, or point to one file"
-            )
-    if not files:
-        raise DataError(f"{path}: folder has no .json or .jsonl files; point to a data file or a folder of them")
-    rows: list[Any] = []
-    parts: list[tuple[int, RowSource]] = []
-    for file in files:
-        name = str(file)
-        part_rows, source = _parse_text(_read_text(lambda f=file: f.read_text(encoding="utf-8-sig"), name), name,
-                                        file.suffix.lower())  # fmt: skip
-        parts.append((len(rows), source))
-        rows.extend(part_rows)
-    return rows, RowSource(path, parts=parts)
-
-
-def _load_hub(spec: str) -> tuple[list[Any], RowSource]:
-    name, _, split = spec.partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{spec}: not a local file, and hub datasets need `pip install datasets`") from None
-    try:
-        rows = datasets.load_dataset(name, split=split or "train").to_list()
-    except Exception as err:  # hub, network and builder errors all end here
-        raise DataError(
-            f"{spec}: not a local file, and datasets.load_dataset failed ({type(err).__name__}: {first_line(err)}); "
-            "check the path or dataset name"
-        ) from None
-    if not rows:
-        raise DataError(f"{spec}: dataset split is empty; choose another split with name:split")
-    return rows, RowSource(spec, zero_based=True)
 
 
 def detect_format(row: Any, where: str) -> RowFormat:
@@ -381,13 +243,23 @@ class PromptEncoder:
     def encode_many(self, conversations: Sequence[list[dict[str, str]]], wheres: Sequence[str]) -> list[Encoded]:
         """Tokenize conversations; texts are tokenized in one batched call.
 
+        A chat template with ``{% generation %}`` markers labels what it marks (transformers'
+        ``return_assistant_tokens_mask``); any other template is split with rendered prefixes
+        (:mod:`lightning_qlora.data.templates`).
+
         Args:
             conversations: Normalized messages per row.
             wheres: Location of each row, for error messages.
 
         Returns:
             One :class:`Encoded` per conversation (untruncated).
+
+        Raises:
+            DataError: If the template fails on a row, cannot be split into prompt and response, or labels no token
+                of an assistant turn.
         """
+        if self.prompt_style == "chat_template" and generation_template(self.tokenizer):
+            return [self._encode_marked(m, where) for m, where in zip(conversations, wheres)]
         texts: list[str] = []
         plans: list[list[tuple[int, int]]] = []
         for messages, where in zip(conversations, wheres):
@@ -404,33 +276,62 @@ class PromptEncoder:
                     plan.append((len(texts) - 2, len(texts) - 1))
             plans.append([(full, full), *plan])
         ids = self.tokenizer(texts, add_special_tokens=self.prompt_style == "alpaca")["input_ids"]
-        return [self._encode_one(ids, plan) for plan in plans]
+        return [self._encode_one(texts, ids, plan, where) for plan, where in zip(plans, wheres)]
 
-    def _encode_one(self, ids: list[list[int]], plan: list[tuple[int, int]]) -> Encoded:
+    def _encode_one(self, texts: list[str], ids: list[list[int]], plan: list[tuple[int, int]], where: str) -> Encoded:
         full = ids[plan[0][0]]
         labels = [IGNORE_INDEX] * len(full)
         mismatch, prompt_tokens = False, None
-        for prefix_idx, through_idx in plan[1:]:
+        for turn, (prefix_idx, through_idx) in enumerate(plan[1:], 1):
+            problem = split_problem(texts[prefix_idx], texts[plan[0][0]], turn)
+            if problem is not None:
+                raise DataError(f"{where}: the chat template cannot be split into prompt and response: {problem}; "
+                                "add {% generation %} markers to the template or use prompt_style=alpaca")  # fmt: skip
             prefix = ids[prefix_idx]
-            start = _common_prefix(prefix, full)
-            end = len(full) if through_idx == plan[0][0] else _common_prefix(ids[through_idx], full)
-            mismatch |= start < len(prefix)
-            while end > start and self._is_blank(full[end - 1]):
-                end -= 1  # whitespace the template puts after the end-of-turn token is not trained
-            labels[start:end] = full[start:end]
+            start = common_prefix(prefix, full)
+            end = len(full) if through_idx == plan[0][0] else common_prefix(ids[through_idx], full)
+            mismatch |= start < len(prefix)  # the prompt's last token merged with the response's first
             prompt_tokens = start if prompt_tokens is None else prompt_tokens
+            start, end = trim_span(full, start, end, self._is_blank)  # not the "\n" after an end-of-turn token
+            if end <= start:
+                raise DataError(
+                    f"{where}: the chat template renders no response tokens for assistant turn {turn} (nothing to "
+                    "train on); check the template's assistant branch or use prompt_style=alpaca"
+                )
+            labels[start:end] = full[start:end]
         if not self.train_on_responses_only:
             labels = list(full)
         return Encoded(list(full), labels, prompt_tokens or 0, mismatch)
+
+    def _encode_marked(self, messages: Sequence[dict[str, str]], where: str) -> Encoded:
+        """Labels from the template's ``{% generation %}`` blocks (transformers' assistant-tokens mask)."""
+        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        try:
+            out = self.tokenizer.apply_chat_template(
+                clean, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        except Exception as err:  # jinja TemplateError, or a template's raise_exception
+            raise DataError(
+                f"{where}: the chat template failed ({first_line(err)}); fix the row or use prompt_style=alpaca"
+            ) from err
+        full = list(out["input_ids"])
+        spans = [
+            trim_span(full, s, e, self._is_blank, leading=True) for s, e in assistant_spans(out["assistant_masks"])
+        ]
+        spans = [(s, e) for s, e in spans if e > s]
+        if not spans:
+            raise DataError(
+                f"{where}: the chat template's {{% generation %}} blocks mark no tokens of this conversation; wrap "
+                "the assistant turns (and their end-of-turn token) in them, or use prompt_style=alpaca"
+            )
+        labels = [IGNORE_INDEX] * len(full)
+        for start, end in spans:
+            labels[start:end] = full[start:end]
+        if not self.train_on_responses_only:
+            labels = list(full)
+        return Encoded(full, labels, spans[0][0])
 
     def _is_blank(self, token_id: int) -> bool:
         if token_id not in self._blank:
             self._blank[token_id] = self.tokenizer.decode([token_id]).strip() == ""
         return self._blank[token_id]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):
-        return n
-    return next(i for i in range(n) if a[i] != b[i])

@@ -54,6 +54,10 @@ class LoRAConfig:
     keeps only ``x``, ``x·Aᵀ`` and a bit-packed dropout mask, and re-dequantizes ``W0`` in backward) while gradients
     are on and the base is a 4-bit or frozen plain linear; ``False`` always uses the plain composition of the base
     layer, dropout and two ``F.linear`` calls."""
+    init: str = "zeros"
+    """``"zeros"``: A Kaiming-uniform, B = 0 (the update starts at zero); ``"loftq"``: A and B from the truncated SVD
+    of each 4-bit base's rounding error ``W − deq(Q)`` (:mod:`~lightning_qlora.lora.loftq`), so the step-0 model is
+    closer to the original weights (set by the LoRA callback, which reads ``W`` from the base checkpoint)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -62,6 +66,8 @@ class LoRAConfig:
             raise ValueError(f"LoRA alpha={self.alpha!r} must be positive (the paper uses 16)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+        if self.init not in ("zeros", "loftq"):
+            raise ValueError(f"LoRA init={self.init!r} is not supported; use 'zeros' or 'loftq'")
         self.dtype = dtype_name(to_dtype(self.dtype))
 
     @property

@@ -150,9 +150,11 @@ def test_template_prefix_mismatch_warns(tiny_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    # the generation prompt says "assistant" but rendered assistant turns say "bot": not prefix-consistent
-    tokenizer.chat_template = tokenizer.chat_template.replace(
-        "{{ m['role'] }}", "{{ 'bot' if m['role'] == 'assistant' else m['role'] }}"
+    # the generation prompt ends with a space that the answer's first token absorbs (" Paris"): its text is the start
+    # of the conversation but its tokens are not (a prompt whose text is not: tests/data/test_templates.py)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
     )
     with pytest.warns(UserWarning, match="2 rows: a rendered prompt prefix is not a token prefix"):
         dm = make_dm(tokenizer, tmp_path, [FRANCE], val_rows=[FRANCE])

@@ -324,8 +324,8 @@ def _log_handlers_to(stream) -> None:
 
 
 HEAVY_FIRST = (
-    "test_compilation.py", "test_architectures.py", "test_distributed.py", "test_bad_inputs.py",
-    "test_gguf_conversion.py", "test_bench.py", "test_precision.py", "test_resume.py",
+    "test_compilation_dropout.py", "test_compilation.py", "test_architectures.py", "test_distributed.py",
+    "test_bad_inputs.py", "test_gguf_conversion.py", "test_bench.py", "test_precision.py", "test_resume.py",
 )  # fmt: skip
 """The longest modules (tens of seconds each on 2 cores), run first: with ``-n 2 --dist loadscope`` the short ones
 then fill both workers to the end instead of one long module running alone last."""

@@ -14,6 +14,7 @@ to the model's own loss (with the reason) when the model post-processes its logi
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = want_grads
         device = hidden.device
         with torch.autocast(device.type, enabled=False):
-            valid = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            valid = valid_rows(targets)
             count = valid.numel()
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(compute_dtype)
@@ -53,11 +54,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad_h = torch.zeros_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
             grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need_b else None
-            for start in range(0, count, chunk_size):
-                rows = valid[start : start + chunk_size]
-                h = hidden.index_select(0, rows).to(compute_dtype)
-                y = targets.index_select(0, rows)
-                logits = F.linear(h, w, b).float()  # (chunk, V): the only vocabulary-sized tensor
+            for rows, h, logits, y in head_chunks(hidden, w, b, targets, valid, chunk_size, compute_dtype):
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
                 if not (need_h or need_w or need_b):
@@ -96,6 +93,43 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+def valid_rows(targets: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows whose target is not ``-100`` (the only rows the head runs over)."""
+    return (targets != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def head_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    chunk_size: int,
+    compute_dtype: torch.dtype,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(rows, h, logits, targets)`` of each chunk of ``chunk_size`` rows of ``valid``: ``logits = h·Wᵀ + b`` in fp32.
+
+    ``weight``/``bias`` come already in ``compute_dtype`` (cast once by the caller); ``h`` is the chunk's hidden rows
+    in ``compute_dtype`` and ``logits`` ``(chunk, V)`` the only vocabulary-sized tensor, to be freed before the next.
+    """
+    for start in range(0, valid.numel(), chunk_size):
+        rows = valid[start : start + chunk_size]
+        h = hidden.index_select(0, rows).to(compute_dtype)
+        yield rows, h, F.linear(h, weight, bias).float(), targets.index_select(0, rows)
+
+
+def head_compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The head matmul's dtype: the autocast dtype when autocast is on, else ``hidden``'s (as the model's own head)."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    """Raise ``ValueError`` unless ``chunk_size`` (tokens per chunk) is a positive int."""
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (tokens per chunk, e.g. 4096)")
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -124,8 +158,7 @@ def chunked_cross_entropy(
     Raises:
         ValueError: on a non-positive ``chunk_size`` or shapes that do not fit together.
     """
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (tokens per chunk, e.g. 4096)")
+    check_chunk_size(chunk_size)
     if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"chunked_cross_entropy got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels "
@@ -133,11 +166,7 @@ def chunked_cross_entropy(
         )
     if shift:
         labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)  # labels[t] <- labels[t+1]; last: ignored
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute = torch.get_autocast_dtype(device_type)
-    else:
-        compute = hidden.dtype
+    compute = head_compute_dtype(hidden)
     grad_on = torch.is_grad_enabled()
     want = (
         grad_on and hidden.requires_grad,
@@ -227,6 +256,10 @@ __all__ = [
     "IGNORE_INDEX",
     "causal_lm_loss",
     "chunked_cross_entropy",
+    "check_chunk_size",
     "chunked_loss_unsupported",
+    "head_chunks",
+    "head_compute_dtype",
     "last_hidden_state",
+    "valid_rows",
 ]

@@ -9,13 +9,18 @@ of forming it in forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lightning_qlora.models.losses import IGNORE_INDEX
+from lightning_qlora.models.losses import (
+    IGNORE_INDEX,
+    check_chunk_size,
+    head_chunks,
+    head_compute_dtype,
+    valid_rows,
+)
 
 __all__ = ["ChunkedTokenLogps", "sequence_logps"]
 
@@ -40,8 +45,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
     ) -> torch.Tensor:
         """``(N,)`` fp32 log-probabilities of ``targets`` (``(N,)``) under the rows of ``hidden`` (``(N, H)``)."""
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        w, b = _cast(weight, bias, compute_dtype)
+        valid = valid_rows(targets)
         with torch.autocast(hidden.device.type, enabled=False):
-            for rows, logits, y in _chunk_logits(hidden, weight, bias, targets, chunk_size, compute_dtype):
+            for rows, _, logits, y in head_chunks(hidden, w, b, targets, valid, chunk_size, compute_dtype):
                 out.index_copy_(0, rows, logits.gather(1, y.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, -1))
                 del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -56,9 +63,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        w = weight.to(ctx.compute_dtype)
+        w, b = _cast(weight, bias, ctx.compute_dtype)
+        valid = valid_rows(targets)
         with torch.autocast(hidden.device.type, enabled=False):
-            for rows, logits, y in _chunk_logits(hidden, weight, bias, targets, ctx.chunk_size, ctx.compute_dtype):
+            for rows, h, logits, y in head_chunks(hidden, w, b, targets, valid, ctx.chunk_size, ctx.compute_dtype):
                 g_out = grad_out.index_select(0, rows).float().unsqueeze(1)
                 g = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_().mul_(-g_out)  # in place
                 del logits
@@ -69,29 +77,18 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 if need_h:
                     grad_h.index_copy_(0, rows, (g @ w).to(hidden.dtype))
                 if need_w:
-                    grad_w += g.t() @ hidden.index_select(0, rows).to(ctx.compute_dtype)
-                del g
+                    grad_w += g.t() @ h
+                del g, h
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def _chunk_logits(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    chunk_size: int,
-    compute_dtype: torch.dtype,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(rows, fp32 logits, targets)`` of each chunk of the rows whose target is not ``-100``."""
-    valid = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    w = weight.to(compute_dtype)
-    b = None if bias is None else bias.to(compute_dtype)
-    for start in range(0, valid.numel(), chunk_size):
-        rows = valid[start : start + chunk_size]
-        h = hidden.index_select(0, rows).to(compute_dtype)
-        yield rows, F.linear(h, w, b).float(), targets.index_select(0, rows)
+def _cast(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in the matmul's dtype, cast once per pass."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def sequence_logps(
@@ -121,16 +118,14 @@ def sequence_logps(
     Raises:
         ValueError: on a non-positive ``chunk_size`` or shapes that do not fit together.
     """
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (tokens per chunk, e.g. 4096)")
+    check_chunk_size(chunk_size)
     if hidden.dim() != 3 or hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"sequence_logps got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels "
             f"{tuple(labels.shape)}; expected hidden (B, T, H), weight (V, H) and labels (B, T)"
         )
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(hidden.device)
-    device_type = hidden.device.type
-    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    compute = head_compute_dtype(hidden)
     flat = hidden.reshape(-1, hidden.shape[-1])
     per_token = ChunkedTokenLogps.apply(flat, weight, bias, targets, chunk_size, compute)
     return per_token.view(labels.shape).sum(dim=1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)

@@ -26,7 +26,6 @@ the row's location.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -38,6 +37,7 @@ from lightning_qlora.data.datamodule import InstructionDataModule
 from lightning_qlora.data.loader import ResumableDataLoader, trainer_progress
 from lightning_qlora.data.preference_rows import Pair, normalize_pair, pair_with_other_answers
 from lightning_qlora.data.prompts import IGNORE_INDEX, DataError, PromptEncoder, read_rows
+from lightning_qlora.data.templates import common_prefix, trim_span
 
 __all__ = ["PreferenceCollator", "PreferenceDataModule", "normalize_pair"]
 
@@ -142,7 +142,6 @@ class PreferenceDataModule(InstructionDataModule):
         self.rejected_from = rejected_from
         self.max_prompt_length = prompt_floor
         self.on_long_row = on_long_row
-        self._blank: dict[int, bool] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the training and validation pairs once.
@@ -165,7 +164,6 @@ class PreferenceDataModule(InstructionDataModule):
             rank_zero_warn("the tokenizer has no chat template; falling back to prompt_style='alpaca'")
             style = "alpaca"
         encoder = PromptEncoder(tokenizer, style)
-        self._blank = {}  # token id -> whitespace only, for this tokenizer
         self._stats = {"skipped_long": 0, "truncated_prompt": 0, "truncated_response": 0, "prefix_mismatch": 0}
         skipped: list[str] = []
         self.train_dataset = self._encode(encoder, train_rows, "train", skipped)
@@ -265,23 +263,16 @@ class PreferenceDataModule(InstructionDataModule):
         self._stats.update({f"{split}_pairs": len(out), f"{split}_tokens": tokens})
         return out
 
-    def _is_blank(self, tokenizer: Any, token_id: int) -> bool:
-        """Whether a token decodes to whitespace only (cached; PromptEncoder keeps the same test private)."""
-        if token_id not in self._blank:
-            self._blank[token_id] = tokenizer.decode([token_id]).strip() == ""
-        return self._blank[token_id]
-
     def _pair(
         self, encoder: PromptEncoder, prompt: list[int], chosen: list[int], rejected: list[int], where: str
     ) -> dict[str, Any] | None:
         """Labels over each response, then the over-long policy; ``None`` when the pair is skipped."""
         sides = []
         for name, ids in (("chosen", chosen), ("rejected", rejected)):
-            start = len(os.path.commonprefix([prompt, ids]))  # the prompt's tokens; a BPE merge may end it early
+            start = common_prefix(prompt, ids)  # the prompt's tokens; a BPE merge may end it early
             self._stats["prefix_mismatch"] += start < len(prompt)
-            end = len(ids)
-            while end > start and self._is_blank(encoder.tokenizer, ids[end - 1]):
-                end -= 1  # whitespace the template puts after the end-of-turn token is not scored
+            # whitespace the template puts after the end-of-turn token is not scored
+            start, end = trim_span(ids, start, len(ids), encoder.is_blank)
             if end <= start:
                 raise DataError(f"{where}: the {name} response is empty after tokenization; fix or remove the row")
             sides.append((list(ids), start, end))

@@ -292,7 +292,7 @@ class PromptEncoder:
             end = len(full) if through_idx == plan[0][0] else common_prefix(ids[through_idx], full)
             mismatch |= start < len(prefix)  # the prompt's last token merged with the response's first
             prompt_tokens = start if prompt_tokens is None else prompt_tokens
-            start, end = trim_span(full, start, end, self._is_blank)  # not the "\n" after an end-of-turn token
+            start, end = trim_span(full, start, end, self.is_blank)  # not the "\n" after an end-of-turn token
             if end <= start:
                 raise DataError(
                     f"{where}: the chat template renders no response tokens for assistant turn {turn} (nothing to "
@@ -315,9 +315,7 @@ class PromptEncoder:
                 f"{where}: the chat template failed ({first_line(err)}); fix the row or use prompt_style=alpaca"
             ) from err
         full = list(out["input_ids"])
-        spans = [
-            trim_span(full, s, e, self._is_blank, leading=True) for s, e in assistant_spans(out["assistant_masks"])
-        ]
+        spans = [trim_span(full, s, e, self.is_blank, leading=True) for s, e in assistant_spans(out["assistant_masks"])]
         spans = [(s, e) for s, e in spans if e > s]
         if not spans:
             raise DataError(
@@ -331,7 +329,8 @@ class PromptEncoder:
             labels = list(full)
         return Encoded(full, labels, spans[0][0])
 
-    def _is_blank(self, token_id: int) -> bool:
+    def is_blank(self, token_id: int) -> bool:
+        """Whether ``token_id`` decodes to whitespace only (cached per encoder)."""
         if token_id not in self._blank:
             self._blank[token_id] = self.tokenizer.decode([token_id]).strip() == ""
         return self._blank[token_id]

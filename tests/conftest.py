@@ -93,6 +93,31 @@ def build_tiny_llama(seed: int = 0, **overrides):
     return model
 
 
+def write_adapter_recipe(root: Path, model_dir: Path, adapter: Path, seed: int) -> Path:
+    """A random PEFT adapter (r=8, ``B ~ N(0, 0.5²)``) for the tiny Llama at ``adapter`` and ``root/recipe.yaml``
+    running that model in NF4 with fp32 compute: what the inference commands (chat, serve) load; returns the recipe."""
+    import yaml
+
+    from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
+    from lightning_qlora.lora.peft_format import export_peft
+
+    model = build_tiny_llama()
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
+    inject_lora(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.normal_(0, 0.5)
+    export_peft(model, adapter, config)
+    recipe = root / "recipe.yaml"
+    nf4 = {"class_path": "lightning_qlora.NF4Precision", "init_args": {"compute_dtype": "fp32"}}
+    model_args = {"model": str(model_dir), "dtype": "fp32"}
+    recipe.write_text(yaml.safe_dump({
+        "trainer": {"plugins": [nf4]}, "model": {"class_path": "lightning_qlora.CausalLM", "init_args": model_args}
+    }))  # fmt: skip
+    return recipe
+
+
 def load_with_hf_bitsandbytes(path):
     """The anchor's loading path: transformers + ``BitsAndBytesConfig`` NF4 + double quant, bf16, on the CPU."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -13,14 +13,11 @@ import time
 
 import pytest
 import torch
-import yaml
-from conftest import Forked, build_tiny_llama
+from conftest import Forked, write_adapter_recipe
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import InferenceCLI
 from lightning_qlora.cli.main import main
-from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
-from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.generation import encode_prompts, generate
 
 QUESTIONS = ["What is the capital of France?", "the quick brown fox"]
@@ -30,20 +27,7 @@ QUESTIONS = ["What is the capital of France?", "the quick brown fox"]
 def setup(tiny_llama_dir, tmp_path_factory):
     """A recipe and a random PEFT adapter for the tiny Llama; the answers the chat must give, computed here."""
     root = tmp_path_factory.mktemp("chat")
-    model = build_tiny_llama()
-    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
-    inject_lora(model, config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_B.normal_(0, 0.5)
-    export_peft(model, root / "adapter", config)
-    recipe = root / "recipe.yaml"
-    nf4 = {"class_path": "lightning_qlora.NF4Precision", "init_args": {"compute_dtype": "fp32"}}
-    model_args = {"model": str(tiny_llama_dir), "dtype": "fp32"}
-    recipe.write_text(yaml.safe_dump({
-        "trainer": {"plugins": [nf4]}, "model": {"class_path": "lightning_qlora.CausalLM", "init_args": model_args}
-    }))  # fmt: skip
+    recipe = write_adapter_recipe(root, tiny_llama_dir, root / "adapter", seed=2)
     args = ["--config", str(recipe), "--adapter", str(root / "adapter"), "--max_new_tokens", "6"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -22,14 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import yaml
-from conftest import build_tiny_llama
+from conftest import write_adapter_recipe
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import InferenceCLI
 from lightning_qlora.cli.main import main
-from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
-from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.generation import GenerationOptions, encode_prompts, generate
 
 QUESTION = "What is the capital of France?"
@@ -56,20 +53,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    model = build_tiny_llama()
-    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
-    inject_lora(model, config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_B.normal_(0, 0.5)
-    export_peft(model, root / "run" / "adapter", config)
-    recipe = root / "recipe.yaml"
-    nf4 = {"class_path": "lightning_qlora.NF4Precision", "init_args": {"compute_dtype": "fp32"}}
-    model_args = {"model": str(tiny_llama_dir), "dtype": "fp32"}
-    recipe.write_text(yaml.safe_dump({
-        "trainer": {"plugins": [nf4]}, "model": {"class_path": "lightning_qlora.CausalLM", "init_args": model_args}
-    }))  # fmt: skip
+    recipe = write_adapter_recipe(root, tiny_llama_dir, root / "run" / "adapter", seed=3)
     port = free_port()
     args = ["--config", str(recipe), "--adapter", str(root / "run" / "adapter"), "--max_new_tokens", "8"]
 

@@ -180,7 +180,7 @@ def load_adapter(root: nn.Module, adapter: str, checkpoint: dict[str, Any] | Non
     if checkpoint is None:
         return import_peft(root, adapter)
     saved = checkpoint[CHECKPOINT_KEY]["lora"]
-    config = LoRAConfig(**{f.name: saved[f.name] for f in dataclasses.fields(LoRAConfig) if f.name in saved})
+    config = LoRAConfig.from_dict(saved)
     inject_lora(root, config)
     inject_expert_lora(root, config)
     base = checkpoint[CHECKPOINT_KEY].get("base")

@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,7 @@ def load_adapter_checkpoint(module: pl.LightningModule, path: Path, trainer: pl.
             f"checkpoint {path} has no LoRA metadata (not written by a run with the LoRA callback); pass that run's "
             "PEFT adapter folder instead"
         )
-    names = {f.name for f in fields(LoRAConfig)}
-    config = LoRAConfig(**{k: v for k, v in meta["lora"].items() if k in names})
+    config = LoRAConfig.from_dict(meta["lora"])
     inject_lora(module, config)
     inject_expert_lora(module, config)
     check = BaseCheck(config)

@@ -10,7 +10,7 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,11 @@ class LoRAConfig:
     def to_dict(self) -> dict:
         """Plain-data copy (for checkpoints and exports)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoRAConfig:
+        """The config :meth:`to_dict` wrote (keys this version does not know are ignored)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class LoRALinear(nn.Module):

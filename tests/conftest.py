@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile workers (fresh interpreters)
 
@@ -116,6 +117,26 @@ def write_adapter_recipe(root: Path, model_dir: Path, adapter: Path, seed: int) 
         "trainer": {"plugins": [nf4]}, "model": {"class_path": "lightning_qlora.CausalLM", "init_args": model_args}
     }))  # fmt: skip
     return recipe
+
+
+def quiet_trainer(tmp_path, callbacks, max_steps: int) -> Any:
+    """Training only (no validation, logger, bar or summary): NF4 base, paged AdamW (unpaged on CPU)."""
+    import lightning.pytorch as pl
+
+    from lightning_qlora import NF4Precision, PagedOptimizerStrategy
+
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[NF4Precision()],
+        strategy=PagedOptimizerStrategy(),
+        callbacks=callbacks,
+    )
 
 
 def load_with_hf_bitsandbytes(path):

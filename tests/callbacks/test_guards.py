@@ -11,8 +11,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from conftest import quiet_trainer
 
-from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision, PagedOptimizerStrategy
+from lightning_qlora import CausalLM, InstructionDataModule, LoRA
 from lightning_qlora.callbacks.checkpoint import ResumableCheckpoint
 from lightning_qlora.callbacks.guards import NonFiniteGuard, OutOfMemoryAdvice, oom_advice
 from lightning_qlora.cli.main import main
@@ -63,17 +64,8 @@ def rows(tmp_path) -> Path:
 
 
 def fit(model_cls, tiny_llama_dir, rows, tmp_path, guard, max_steps=6, callbacks=(), packing=False):
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[NF4Precision()],
-        strategy=PagedOptimizerStrategy(),
-        callbacks=[LoRA(r=8, dropout=0.0, export_dir=str(tmp_path / "adapter")), guard, *callbacks],
+    trainer = quiet_trainer(
+        tmp_path, [LoRA(r=8, dropout=0.0, export_dir=str(tmp_path / "adapter")), guard, *callbacks], max_steps
     )
     model = model_cls(model=str(tiny_llama_dir), lr=5e-3)
     data = InstructionDataModule(

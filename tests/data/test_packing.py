@@ -11,8 +11,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 
-from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision, PagedOptimizerStrategy
+from lightning_qlora import CausalLM, InstructionDataModule, LoRA
 from lightning_qlora.data.packing import PackDataset, PackedCollator, PackedSampler, plan_packs
 from lightning_qlora.data.prompts import DataError
 
@@ -111,22 +112,6 @@ def test_distributed_ranks_get_disjoint_packs(tiny_tokenizer, data_file):
         shards[1] = shards[1][: -len(packs[0])]
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(i for pack in packs for i in pack)
-
-
-def quiet_trainer(tmp_path, callbacks, max_steps: int) -> pl.Trainer:
-    """Training only (no validation, logger, bar or summary): NF4 base, paged AdamW (unpaged on CPU)."""
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[NF4Precision()],
-        strategy=PagedOptimizerStrategy(),
-        callbacks=callbacks,
-    )
 
 
 def test_packed_training_through_the_trainer_checks_the_model_once_and_counts_real_tokens(

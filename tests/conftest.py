@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,24 @@ def quiet_trainer(tmp_path, callbacks, max_steps: int) -> Any:
         strategy=PagedOptimizerStrategy(),
         callbacks=callbacks,
     )
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread inside the block: decoding is many tiny ops, faster on one thread than on two contending."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """:func:`one_torch_thread` for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    with one_torch_thread():
+        yield
 
 
 def load_with_hf_bitsandbytes(path):

@@ -14,13 +14,7 @@ from lightning_qlora import CausalLM, InstructionDataModule, SampleAnswers
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
 from lightning_qlora.lora.merge import merge_lora
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # decoding is many tiny ops: one thread beats two contending ones
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy(model, tokenizer, question, new_tokens):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import Forked, write_adapter_recipe
+from conftest import Forked, one_torch_thread, write_adapter_recipe
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import InferenceCLI
@@ -29,14 +29,10 @@ def setup(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     recipe = write_adapter_recipe(root, tiny_llama_dir, root / "adapter", seed=2)
     args = ["--config", str(recipe), "--adapter", str(root / "adapter"), "--max_new_tokens", "6"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         inference = InferenceCLI(args, LightningArgumentParser, "chat", "test").inference().load()
         first = answer(inference, [QUESTIONS[0]], [])
         second = answer(inference, [QUESTIONS[0], QUESTIONS[1]], [first])
-    finally:
-        torch.set_num_threads(threads)
     assert second != answer(inference, [QUESTIONS[1]], [])  # the first turn changes the second answer
     return {"root": root, "args": args, "first": first, "second": second}
 

@@ -28,12 +28,7 @@ ROWS = [
 NEW_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # decoding is many tiny ops: one thread beats two contending ones
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_recipe(root, model_dir, rows_path, adapter_dir):

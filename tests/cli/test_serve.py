@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import write_adapter_recipe
+from conftest import one_torch_thread, write_adapter_recipe
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import InferenceCLI
@@ -106,9 +106,7 @@ def serve_in_fork(args, out_dir):
 @pytest.fixture(scope="module")
 def expected(server):
     """Greedy answers of the same 4-bit model and adapter, in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         inference = InferenceCLI(server["args"], LightningArgumentParser, "serve", "test").inference().load()
         tok = inference.tokenizer
         chat = encode_prompts(tok, [inference.render([{"role": "user", "content": QUESTION}])], False)
@@ -116,8 +114,6 @@ def expected(server):
         with torch.no_grad():
             answers = [generate(inference.model, tok, b["input_ids"], b["attention_mask"], GenerationOptions(n))[0]
                        for b, n in ((chat, 8), (plain, 5))]  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     return {"chat": answers[0], "completion": answers[1]}
 
 

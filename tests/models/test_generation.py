@@ -15,13 +15,7 @@ from lightning_qlora.models.generation import (
 PROMPTS = ["The quick brown fox", "Question: What is the capital of France? Answer:", "the cat"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Decoding is many tiny ops: one thread is faster than two contending with the other xdist worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from torch import nn
 
 from lightning_qlora.lora.fingerprint import codes_pending, describe_mismatch, fingerprint_digest, fingerprint_parts
 from lightning_qlora.lora.layer import LoRAConfig
+from lightning_qlora.lora.loading import CHECKPOINT_KEY
 from lightning_qlora.utils.modules import model_root, unwrapped_name
 
-CHECKPOINT_KEY = "lightning_qlora"
-"""Key of the LoRA metadata in a Lightning checkpoint: fingerprint, base parts, LoRA settings, trainable keys."""
+__all__ = ["CHECKPOINT_KEY", "BaseCheck", "check_checkpoint_matches", "refuse_other_base"]
 
 
 class BaseCheck:

@@ -100,15 +100,15 @@ def _recipe_source(path: str) -> ExportSource:
 
 
 def _checkpoint(path: Path) -> dict[str, Any]:
-    from lightning_qlora.callbacks.base_check import CHECKPOINT_KEY
+    """The LoRA checkpoint at ``path``, read safely; refused in one line when the LoRA callback did not write it."""
+    from lightning_qlora.lora.loading import checkpoint_lora_config
     from lightning_qlora.plugins.checkpoint_io import load_checkpoint_file
 
     checkpoint = load_checkpoint_file(path)
-    if not (checkpoint.get(CHECKPOINT_KEY) or {}).get("lora"):
-        raise ValueError(
-            f"export: checkpoint {path} has no LoRA adapter settings (it was not written with the LoRA callback); "
-            "pass a LoRA checkpoint or a PEFT adapter folder"
-        )
+    try:
+        checkpoint_lora_config(checkpoint, path)
+    except ValueError as err:
+        raise ValueError(f"export: {err}") from None
     return checkpoint
 
 
@@ -152,68 +152,6 @@ def _peft_base(adapter: str | None) -> str | None:
     return base if base and Path(base).exists() else None
 
 
-def load_adapter(root: nn.Module, adapter: str, checkpoint: dict[str, Any] | None, quantization: Any = None) -> Any:
-    """Inject the adapter into ``root`` (a transformers model): a PEFT folder, or a LoRA checkpoint's tensors.
-
-    A checkpoint's base fingerprint (architecture, frozen values, 4-bit codes) is checked against ``root`` first, as
-    a resume would check it; with ``quantization=None`` (merging into the original weights) the 4-bit parts are not.
-
-    Args:
-        root: the base model (plain or 4-bit), frozen.
-        adapter: the PEFT folder or checkpoint path (for messages).
-        checkpoint: the loaded LoRA checkpoint, or ``None`` for a PEFT folder.
-        quantization: the ``QuantizationConfig`` ``root`` was loaded with.
-
-    Returns:
-        The adapter's :class:`~lightning_qlora.lora.layer.LoRAConfig`.
-
-    Raises:
-        ValueError: for an adapter of another base model (fingerprint, names or shapes differ).
-    """
-    from lightning_qlora.callbacks.base_check import CHECKPOINT_KEY
-    from lightning_qlora.lora.experts import inject_expert_lora
-    from lightning_qlora.lora.fingerprint import describe_mismatch, fingerprint_parts
-    from lightning_qlora.lora.layer import LoRAConfig, inject_lora, is_lora_parameter
-    from lightning_qlora.lora.peft_format import import_peft
-
-    root.requires_grad_(False)
-    if checkpoint is None:
-        return import_peft(root, adapter)
-    saved = checkpoint[CHECKPOINT_KEY]["lora"]
-    config = LoRAConfig.from_dict(saved)
-    inject_lora(root, config)
-    inject_expert_lora(root, config)
-    base = checkpoint[CHECKPOINT_KEY].get("base")
-    if base is not None:
-        current = fingerprint_parts(root, quantization.describe() if quantization is not None else None)
-        if quantization is None:  # the original weights: no 4-bit settings or codes to compare
-            current["quantization"] = base.get("quantization")
-        cause = describe_mismatch(base, current)
-        if cause is not None:
-            raise ValueError(
-                f"export: checkpoint {adapter} does not belong to this base model: {cause}; pass the --model or "
-                "--config it was trained with"
-            )
-    own = dict(root.named_parameters())
-    tensors = {k: v for k, v in (checkpoint.get("state_dict") or {}).items() if is_lora_parameter(k)}
-    if not tensors:
-        raise ValueError(f"export: checkpoint {adapter} holds no adapter tensors; pass a LoRA checkpoint")
-    key = next(iter(tensors))
-    parts = key.split(".")
-    prefix = next((".".join(parts[:i]) + "." for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
-    prefix = "" if prefix == "." else prefix
-    with torch.no_grad():
-        for name, value in tensors.items():
-            target = own.get(name[len(prefix) :]) if prefix is not None and name.startswith(prefix) else None
-            if target is None or target.shape != value.shape:
-                raise ValueError(
-                    f"export: checkpoint {adapter} tensor {name} {tuple(value.shape)} does not fit the base model "
-                    "(another base, or other LoRA target_modules); pass the --model or --config it was trained with"
-                )
-            target.copy_(value.to(target.dtype))
-    return config
-
-
 def _load_tokenizer(source: ExportSource) -> Any:
     """The tokenizer: the recipe's or ``--tokenizer``, else the model's own."""
     from transformers import AutoTokenizer
@@ -239,7 +177,21 @@ def _load_model(source: ExportSource, adapter: str | None, checkpoint: dict[str,
     dtype = to_dtype(dtype or torch.float32)
     quantization = source.quantization if adapter else None  # nothing to merge: the original weights as they are
     root = load_causal_lm(model_dir, quantization=quantization, dtype=dtype)
-    lora = load_adapter(root, adapter, checkpoint, quantization) if adapter else None
+    if not adapter:
+        return root.eval(), None
+    from lightning_qlora.lora.loading import load_adapter
+
+    try:  # a checkpoint's base fingerprint is checked as a resume would; the 4-bit parts only against a 4-bit base
+        lora = load_adapter(
+            root,
+            adapter,
+            checkpoint,
+            quantization=quantization.describe() if quantization is not None else None,
+            compare_quantization=quantization is not None,
+            remedy="pass the --model or --config it was trained with",
+        )
+    except ValueError as err:
+        raise ValueError(f"export: {err}") from None
     return root.eval(), lora
 
 
@@ -250,11 +202,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"export: --dtype {args.dtype!r} does not apply to --format {args.format}; use {which}")
     if args.format == "peft" and not args.adapter:
         raise ValueError("export: --format peft needs --adapter (a PEFT folder or a LoRA .ckpt)")
-    if args.adapter and not Path(args.adapter).exists():
-        raise FileNotFoundError(
-            f"export: adapter {args.adapter} does not exist; pass a PEFT adapter folder (with adapter_config.json) "
-            "or a checkpoint written with the LoRA callback (.ckpt)"
-        )
+    if args.adapter:  # a PEFT folder or a checkpoint file, said before anything is read
+        from lightning_qlora.lora.loading import adapter_kind
+
+        try:
+            adapter_kind(args.adapter)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"export: {err}") from None
     if args.format != "gguf" and args.name:
         raise ValueError("export: --name applies to --format gguf only")
     if args.config and not Path(args.config).is_file():
@@ -273,7 +227,7 @@ def export_command(argv: list[str]) -> None:
     """
     args = build_parser().parse_args(argv)
     _check_args(args)
-    adapter = Path(args.adapter) if args.adapter else None
+    adapter = Path(args.adapter).expanduser() if args.adapter else None
     checkpoint = _checkpoint(adapter) if adapter is not None and adapter.is_file() else None
     source = resolve_source(args, checkpoint)
     if args.format == "gguf":  # refuse an unsupported architecture before anything is loaded
@@ -336,4 +290,4 @@ def _save_safetensors(root: nn.Module, tokenizer: Any, out: Path, dtype: str) ->
         tokenizer.save_pretrained(tmp)
 
 
-__all__ = ["FORMATS", "ExportSource", "build_parser", "export_command", "load_adapter", "resolve_source"]
+__all__ = ["FORMATS", "ExportSource", "build_parser", "export_command", "resolve_source"]

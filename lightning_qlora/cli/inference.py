@@ -2,7 +2,8 @@
 
 :func:`load_for_inference` builds the recipe's model as ``fit`` does (``configure_model`` under the Trainer's
 :class:`~lightning_qlora.NF4Precision`: 4-bit base, quantized on load, on the Trainer's device), loads an adapter (a
-PEFT folder or a Lightning checkpoint of the LoRA callback) and freezes it in eval mode. :class:`InferenceCLI` reads
+PEFT folder or a Lightning checkpoint of the LoRA callback, by :func:`lightning_qlora.lora.loading.load_adapter`) and
+freezes it in eval mode. :class:`InferenceCLI` reads
 the same recipe the model was trained with (``--config``, overrides as for ``fit``) plus the command's options.
 """
 
@@ -22,12 +23,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
-from lightning_qlora.callbacks.base_check import CHECKPOINT_KEY, BaseCheck
 from lightning_qlora.callbacks.lora import LoRA
 from lightning_qlora.data.inference_prompts import adds_special_tokens, render_prompts, resolve_prompt_style
-from lightning_qlora.lora.experts import inject_expert_lora
-from lightning_qlora.lora.layer import LoRAConfig, inject_lora
-from lightning_qlora.lora.peft_format import import_peft
+from lightning_qlora.lora.loading import adapter_kind
+from lightning_qlora.lora.loading import load_adapter as load_lora_adapter
 from lightning_qlora.models.generation import GenerationOptions, encode_prompts
 from lightning_qlora.plugins.checkpoint_io import load_checkpoint_file
 from lightning_qlora.plugins.precision import NF4Precision
@@ -81,6 +80,9 @@ def load_for_inference(
 def load_adapter(module: pl.LightningModule, adapter: str | os.PathLike, trainer: pl.Trainer | None = None) -> str:
     """Load a PEFT adapter folder or a LoRA callback's Lightning checkpoint into ``module`` (built already).
 
+    The Trainer path of :func:`lightning_qlora.lora.loading.load_adapter`: a checkpoint is read safely
+    (``weights_only``) and its base fingerprint compared with ``module``'s network under the Trainer's quantization.
+
     Args:
         module: the LightningModule (its ``.model`` gets the adapters).
         adapter: a folder with ``adapter_config.json``, or a ``.ckpt`` file.
@@ -94,60 +96,12 @@ def load_adapter(module: pl.LightningModule, adapter: str | os.PathLike, trainer
         ValueError: for a folder without an adapter, a checkpoint without LoRA metadata, or one of another base.
     """
     path = Path(adapter).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        import_peft(model_root(module), path)
+    checkpoint = load_checkpoint_file(path) if adapter_kind(path) == "checkpoint" else None
+    state = trainer.precision_plugin.state_dict() if trainer is not None else {}
+    load_lora_adapter(module, path, checkpoint, root=model_root(module), quantization=state.get("quantization"))
+    if checkpoint is None:
         return f"PEFT adapter {path}"
-    if path.is_file():
-        step = load_adapter_checkpoint(module, path, trainer)
-        return f"adapter of checkpoint {path} (step {step})"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"adapter {path} does not exist; pass a PEFT adapter folder (with adapter_config.json) or a .ckpt file"
-        )
-    found = sorted(path.glob("*.ckpt"))
-    hint = f", such as {found[-1]}" if found else ""
-    raise ValueError(
-        f"adapter {path} is a folder without adapter_config.json; pass a PEFT adapter or a .ckpt file{hint}"
-    )
-
-
-def load_adapter_checkpoint(module: pl.LightningModule, path: Path, trainer: pl.Trainer | None = None) -> int:
-    """Load the adapters of a checkpoint the LoRA callback wrote, after checking it belongs to this base model.
-
-    The checkpoint's own LoRA settings place the adapters (as the callback did), :class:`BaseCheck` refuses another
-    base model or quantization, and only the checkpoint's trainable tensors are copied.
-
-    Returns:
-        The checkpoint's global step.
-
-    Raises:
-        ValueError: for a checkpoint without the LoRA callback's metadata, of another base, or with tensors this
-            model lacks.
-    """
-    checkpoint = load_checkpoint_file(path)
-    meta = checkpoint.get(CHECKPOINT_KEY)
-    if not isinstance(meta, dict) or not isinstance(meta.get("lora"), dict):
-        raise ValueError(
-            f"checkpoint {path} has no LoRA metadata (not written by a run with the LoRA callback); pass that run's "
-            "PEFT adapter folder instead"
-        )
-    config = LoRAConfig.from_dict(meta["lora"])
-    inject_lora(module, config)
-    inject_expert_lora(module, config)
-    check = BaseCheck(config)
-    check.check(trainer, module, checkpoint)
-    check.check_codes(trainer, module)
-    keys = set(meta.get("trainable_keys") or [])
-    state = {k: v for k, v in (checkpoint.get("state_dict") or {}).items() if k in keys}
-    if not state:
-        raise ValueError(f"checkpoint {path} holds no adapter tensors; pass a checkpoint written during training")
-    result = module.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint {path} has tensors this model lacks (e.g. {result.unexpected_keys[0]}); use the base "
-            "model and recipe it was trained with"
-        )
-    return int(checkpoint.get("global_step", 0))
+    return f"adapter of checkpoint {path} (step {int(checkpoint.get('global_step', 0))})"
 
 
 @dataclass
@@ -380,4 +334,4 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-__all__ = ["Inference", "InferenceCLI", "load_adapter", "load_adapter_checkpoint", "load_for_inference"]
+__all__ = ["Inference", "InferenceCLI", "load_adapter", "load_for_inference"]

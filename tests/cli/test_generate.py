@@ -183,3 +183,21 @@ def test_a_bad_row_is_one_line_naming_it(run, capsys, monkeypatch):
     code, err = run_generate(args, capsys, monkeypatch)
     assert code == 2 and "bad.jsonl line 2: 'instruction' must be a string" in err
     assert not (run["root"] / "x.jsonl").exists()
+
+
+def test_a_checkpoint_of_another_base_is_refused_in_one_line(run, capsys, monkeypatch):
+    checkpoint = torch.load(run["root"] / "adapter.ckpt", weights_only=True)
+    values = checkpoint[CHECKPOINT_KEY]["base"]["values"]
+    values["model.embed_tokens.weight"] = "0" * 16  # the base it was trained on had other embeddings
+    torch.save(checkpoint, run["root"] / "other_base.ckpt")
+    out = run["root"] / "other_base.jsonl"
+    args = ["--config", str(run["recipe"]), "--adapter", str(run["root"] / "other_base.ckpt"), "--prompts",
+            str(run["rows"]), "--output", str(out)]  # fmt: skip
+    code, err = run_generate(args, capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1, err
+    assert errors[0].startswith("lightning-qlora: error: checkpoint ") and (
+        "does not belong to this base model: it was written for a base model with other weights (1 tensors differ, "
+        "e.g. model.embed_tokens.weight); use the base model and recipe it was trained with" in errors[0]
+    ), err
+    assert not out.exists()

@@ -1,15 +1,12 @@
 """Predict the memory of a QLoRA training step before running it: weights, adapters, optimizer, activations.
 
 Parameter, adapter and optimizer bytes are counted exactly, from the model built on the ``meta`` device (no
-memory) and bitsandbytes' storage rules. Activations follow what autograd keeps for a Llama-style decoder layer
-under bf16 autocast with SDPA attention (no ``seq²`` term) and the fused LoRA function, per token:
-``8h`` (two RMSNorms' fp32 copies) ``+ 4h`` (the two normed inputs) ``+ 2q+2kv+2kv+2q+4·heads`` (SDPA's q, k, v,
-output = o_proj's input, log-sum-exp) ``+ 4·2i`` (SiLU input/output, up, their product) ``+ 2r`` and a 1-bit dropout
-mask per adapter input. Gradient checkpointing keeps only each layer's input (``2h``) plus one recomputed layer.
-The loss keeps ``12·vocab`` bytes per token at its peak with transformers' loss (fp32 log-softmax output, its
-gradient and the logits' gradient); the chunked loss of :mod:`lightning_qlora.models.losses` ``6·vocab`` per token of
-one chunk. The measured check is ``tests/memory/test_planner.py`` (live tensor bytes of a CPU step, within 15%).
-Preference tuning's sequence scores and reference pass are in :mod:`lightning_qlora.memory.preference`.
+memory) and bitsandbytes' storage rules (:mod:`lightning_qlora.memory.storage_bytes`). Activations follow what autograd
+keeps for a Llama-style decoder layer, phase by phase through the step (:mod:`lightning_qlora.memory.activations`,
+with :mod:`~lightning_qlora.memory.moe` for experts layers and :mod:`~lightning_qlora.memory.preference` for
+preference tuning). Here they are put together per device (FSDP shards, DDP buckets, CUDA workspaces) into a
+:class:`MemoryPlan`, which prints as a table and advises when a budget is short. The measured check is
+``tests/memory/test_planner.py`` (live tensor bytes of a CPU step, within 15%).
 """
 
 from __future__ import annotations
@@ -22,9 +19,8 @@ import torch
 from torch import nn
 
 from lightning_qlora.lora.layer import LoRAConfig, find_lora_targets
-from lightning_qlora.memory.moe import plan_moe_layers
+from lightning_qlora.memory.activations import PHASES, activation_phases
 from lightning_qlora.memory.parameters import quantized_stacks, unquantized_kinds
-from lightning_qlora.memory.preference import preference_loss_bytes, reference_pass_bytes
 from lightning_qlora.memory.storage_bytes import code_table_bytes, optimizer_bytes, quantized_bytes
 from lightning_qlora.quantization.nf4 import QuantizationConfig
 from lightning_qlora.quantization.shells import linear_shape, shell_candidates
@@ -201,13 +197,6 @@ def _meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
     return _META_MODELS[key]
 
 
-def _input_group(name: str) -> str:
-    last = name.rsplit(".", 1)[-1]
-    groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}  # fmt: skip
-    return groups.get(last, name)
-
-
 def plan_memory(
     model: Any,
     batch_size: int = 1,
@@ -299,73 +288,12 @@ def plan_memory(
     if device_type != "cuda":
         paged = 0
 
-    # ---- activations per token (see the module docstring)
-    h, vocab, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or h // heads
-    q_dim, kv_dim = heads * head_dim, getattr(text, "num_key_value_heads", heads) * head_dim
-    inter = getattr(text, "intermediate_size", 4 * h)
+    # ---- activations, phase by phase (see lightning_qlora.memory.activations)
     c = (quantization.compute_dtype if quantization else dtype).itemsize  # bytes of the autocast (compute) dtype
-    fused = getattr(lora, "fused", True)
-    layer0 = [(t, i, o) for t, i, o in shapes if ".layers.0." in f".{t}."] or shapes[: len(shapes) // max(layers, 1)]
-    groups = {_input_group(t) for t, _, _ in layer0}
-    lora_saved = 0
-    for t, i, _ in layer0:  # what each adapter keeps: x·Aᵀ, plus its input unless another saver holds it already
-        group = _input_group(t)
-        x_bytes = c if group == "attn_out" else e
-        lora_saved += c * lora.r + (c * i if x_bytes != c else 0)  # an autocast copy when x is not in bf16
-        if fused and lora.dropout > 0:
-            lora_saved += math.ceil(i / 8)  # the dropout mask, one bit per input element
-        elif not fused:
-            lora_saved += (1 + x_bytes) * i if lora.dropout > 0 else 0  # dropout mask and output
-    shared_inputs = e * h * len(groups & {"attn_in", "mlp_in"}) + (e * inter if "mlp_mid" in groups else 0)
-    # two RMSNorms (fp32 copy + rsqrt), SDPA's q, k, v, output (the o_proj input) and log-sum-exp, SiLU in/out, up
-    sdpa = c * (2 * q_dim + 2 * kv_dim) + 4 * heads
-    moe = plan_moe_layers(net, text, adapters=True, r=lora.r, act=e, compute=c, master=a_item)
-    attn_layer = 2 * (4 * h + 4) + sdpa + shared_inputs + lora_saved
-    dense_layers = layers - moe.layers
-    per_dense, per_moe = attn_layer + 3 * e * inter, attn_layer + moe.per_token + 3 * e * moe.shared_inter
-    per_layer = max(per_dense if dense_layers else 0, per_moe if moe.layers else 0)  # the layer a backward redoes
-    all_layers = dense_layers * per_dense + moe.layers * per_moe
-    first_norm = (4 * h + 4) * batch_size * seq_len  # layer 0's input needs no gradient: its norm keeps nothing
-    cast_layer = a_params * c // max(layers, 1) if a_item != c and not fused else 0  # autocast copies of A, B
-    cast_layer += moe.per_layer  # the experts' adapters, cast once per expert
-    grads_layer = a_bytes // max(layers, 1)
-    # backward of the widest layer: grad from W0, from the adapter, their sum (or SiLU·up's three gradients)
-    widest = max((i for _, i, _ in layer0), default=inter)
-    temps = (3 * c + (1 if fused and lora.dropout > 0 else 0)) * widest  # + the unpacked dropout mask
-    dequantized = c * largest  # W0 of the widest layer, dequantized for its matmul (forward and backward)
-    tokens = batch_size * seq_len
-    head_saved = 4 * h * tokens  # the final norm's fp32 copy
-    if loss_chunk_size:  # fp32 logits of one chunk and their bf16 gradient; grad_h formed in forward, scaled after
-        chunk = min(tokens, loss_chunk_size)
-        loss_fwd, loss_bwd = 6 * vocab * chunk + c * h * chunk + e * h * tokens, 2 * e * h * tokens
-    else:  # transformers' loss: bf16 logits, their fp32 copy, log-softmax (kept), then its gradient and the logits'
-        loss_fwd, loss_bwd = 10 * vocab * tokens, 12 * vocab * tokens
-    reference = 0
-    if preference is not None:  # the scores' logits are recomputed in backward; DPO/IPO add a no-grad forward
-        loss_fwd, loss_bwd = preference_loss_bytes(vocab, h, tokens, loss_chunk_size, c, e)
-        dims = (h, q_dim, kv_dim, inter)
-        reference = reference_pass_bytes(preference, tokens, dims, vocab, loss_chunk_size, c, e, c * largest)
-    ckpt = e * h * tokens  # one checkpointed layer input
-    fixed = 16 * tokens + 2 * 2 * head_dim * tokens  # ids, labels, rotary cos/sin
-
-    def phases(checkpointing: bool) -> list[tuple[int, int]]:
-        """``(activation bytes, gradient bytes)`` at forward end, loss backward, top and bottom layer backward.
-
-        A layer's gradients appear as its saved activations are freed, so each layer phase counts the gradients of
-        the layers done before it only.
-        """
-        saved = layers * ckpt if checkpointing else all_layers * tokens - first_norm
-        casts = cast_layer * layers - moe.per_layer * dense_layers
-        one = per_layer * tokens + cast_layer + temps * tokens
-        return [
-            (saved + head_saved + loss_fwd + casts + fixed, 0),
-            (saved + head_saved + loss_bwd + (0 if checkpointing else casts) + fixed, 0),
-            ((saved + one if checkpointing else saved + temps * tokens) + fixed + dequantized, 0),
-            ((ckpt + one if checkpointing else one) + fixed + dequantized, a_bytes - grads_layer),
-            *([(reference + fixed, 0)] if reference else []),  # before the policy's forward: nothing else alive
-        ]
+    phases = activation_phases(net, text, lora, shapes, batch_size=batch_size, seq_len=seq_len, act=e, compute=c,
+                               master=a_item, adapter_params=a_params, adapter_bytes=a_bytes, largest=largest,
+                               loss_chunk_size=loss_chunk_size, preference=preference)  # fmt: skip
+    layers = text.num_hidden_layers
 
     # ---- per device
     shard = devices if sharding == "fsdp" and devices > 1 else 1
@@ -382,19 +310,19 @@ def plan_memory(
 
     def peak_of(checkpointing: bool) -> tuple[int, int]:
         """(largest activation bytes, largest activations + gradients) over the phases of the step."""
-        steps = phases(checkpointing)
+        steps = phases[checkpointing]
         return max(a for a, _ in steps), max(a + g // shard for a, g in steps)
 
     act_on, step_on = peak_of(True)
     act_off, step_off = peak_of(False)
     act, step = (act_on, step_on) if gradient_checkpointing else (act_off, step_off)
-    labels = ("forward end", "loss backward", "last layer backward", "first layer backward", "reference forward")
-    step_phases = {k: a + g // shard for k, (a, g) in zip(labels, phases(gradient_checkpointing))}
+    step_phases = {k: a + g // shard for k, (a, g) in zip(PHASES, phases[gradient_checkpointing])}
     peak = static + max(step, grads)  # the optimizer step holds every gradient
     name = getattr(config, "_name_or_path", "") or f"{getattr(config, 'model_type', 'model')}"
     settings = {
         "model": name or "model", "params": n_params, "batch_size": batch_size, "seq_len": seq_len,
-        "tokens": tokens, "vocab_size": vocab, "layers": layers, "r": lora.r, "lora_layers": len(targets),
+        "tokens": batch_size * seq_len, "vocab_size": text.vocab_size, "layers": layers, "r": lora.r,
+        "lora_layers": len(targets),
         "adapter_dtype": lora.dtype, "optimizer": optimizer, "gradient_checkpointing": gradient_checkpointing,
         "dtype": dtype_name(dtype), "devices": devices, "sharding": sharding,
         "unquantized": unquantized_kinds(net, quantized),

@@ -1,8 +1,9 @@
 """``lightning-qlora``: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and ``evaluate`` (lm-eval).
 
-``lightning-qlora memory --config recipe.yaml`` prints the memory plan of a recipe (see :mod:`.memory_cli`);
-``lightning-qlora export --format gguf|safetensors|peft`` writes the fine-tune for llama.cpp/Ollama, transformers or
-PEFT (see :mod:`.export`).
+``fit`` checks its outputs (run lock, writable folders, no untrained adapter over a trained one) before anything is
+built (see :mod:`.fit_checks`). ``lightning-qlora memory --config recipe.yaml`` prints the memory plan of a recipe
+(see :mod:`.memory`); ``lightning-qlora export --format gguf|safetensors|peft`` writes the fine-tune for
+llama.cpp/Ollama, transformers or PEFT (see :mod:`.export`); ``generate``, ``chat`` and ``serve`` run it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lightning_qlora.cli.fit_checks import CLI_LOCKS, check_fit_outputs, release_cli_locks
 from lightning_qlora.utils.atomic import DiskFullError, is_disk_full
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.finite import NonFiniteError
@@ -178,7 +180,7 @@ class QLoRACLI(LightningCLI):
         if self.subcommand == "fit":
             lock = check_fit_outputs(self.config["fit"])
             if lock is not None:
-                _CLI_LOCKS.append(lock)
+                CLI_LOCKS.append(lock)
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
@@ -193,7 +195,7 @@ class QLoRACLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         finally:
-            _release_cli_locks()
+            release_cli_locks()
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -222,88 +224,10 @@ def default_guards(callbacks: list[Callback]) -> list[Callback]:
     ]
 
 
-_CLI_LOCKS: list[Any] = []  # run locks taken by `fit` in this process; main() releases them when the run ends
-
-
-def check_fit_outputs(config: Any) -> Any:
-    """Check a ``fit``'s outputs from its parsed config before anything is built, loaded or written.
-
-    In order: ``refuse_untrained_export`` (reads only); then, on rank 0 of a run, the ``RunDirLock`` of
-    ``default_root_dir`` is taken, and that folder, each callback's ``dirpath`` (checkpoints) and ``export_dir``
-    (LoRA) must be creatable and writable (all in :mod:`lightning_qlora.callbacks.run_lock`).
-
-    Args:
-        config: the ``fit`` subcommand's config (``trainer``, ``ckpt_path``, ``overwrite``).
-
-    Returns:
-        The lock taken (release it when the run ends), or ``None`` (another rank, a remote folder).
-
-    Raises:
-        ValueError: a run that trains no step would replace an adapter (see ``refuse_untrained_export``).
-        RunDirLockedError: another live run holds ``default_root_dir``.
-        OutputNotWritableError: an output folder cannot be created or written.
-    """
-    from lightning_qlora.callbacks.run_lock import (
-        RunDirLock,
-        check_export_dir,
-        check_writable,
-        refuse_untrained_export,
-        resolve_resume_last,
-    )
-
-    trainer = _get(config, "trainer") or {}
-    accumulate = _get(trainer, "accumulate_grad_batches")
-    if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
-        raise ValueError(
-            f"--trainer.accumulate_grad_batches={accumulate!r}: must be a whole number >= 1 (1: no accumulation)"
-        )
-    callbacks = _get(trainer, "callbacks") or []
-    inits = [_get(c, "init_args") or {} for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
-    exports = [Path(str(e)) for e in (_get(i, "export_dir") for i in inits) if e and _is_local(e)]
-    ckpt_dirs = [Path(str(d)) for d in (_get(i, "dirpath") for i in inits) if d and _is_local(d)]
-    if _get(config, "ckpt_path") == "last" and ckpt_dirs:
-        config["ckpt_path"] = resolve_resume_last(ckpt_dirs)  # a file, or None: start from step 0
-    if not _get(config, "overwrite"):
-        max_steps = _get(trainer, "max_steps")
-        refuse_untrained_export(-1 if max_steps is None else max_steps, _get(config, "ckpt_path"), exports, ckpt_dirs)
-    root = _get(trainer, "default_root_dir") or os.getcwd()
-    if not _is_local(root) or not _is_rank_zero():
-        return None
-    lock = RunDirLock(root).acquire()
-    try:
-        check_writable(root, "default_root_dir")
-        for folder in ckpt_dirs:
-            check_writable(folder, "checkpoint dirpath")
-        for export in exports:
-            check_export_dir(export)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def _release_cli_locks() -> None:
-    while _CLI_LOCKS:
-        _CLI_LOCKS.pop().release()
-
-
 def _is_sharded_checkpoint(path: str) -> bool:
     """A distributed (FSDP) checkpoint folder: its strategy loads it, there is no single file to read."""
     folder = Path(path)
     return folder.is_dir() and ((folder / ".metadata").is_file() or (folder / "meta.pt").is_file())
-
-
-def _get(namespace: Any, key: str) -> Any:
-    return namespace.get(key) if hasattr(namespace, "get") else getattr(namespace, key, None)
-
-
-def _is_rank_zero() -> bool:
-    """Not a process a launcher started for another rank (Lightning's DDP launcher, torchrun, SLURM, MPI)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-def _is_local(path: Any) -> bool:
-    return "://" not in str(path)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -356,7 +280,7 @@ def main(args: list[str] | None = None) -> None:
                 args=args,
             )
         finally:
-            _release_cli_locks()  # also when the run was refused or failed before it started
+            release_cli_locks()  # also when the run was refused or failed before it started
     except ONE_LINE_ERRORS as err:
         if os.environ.get("LIGHTNING_QLORA_DEBUG"):
             raise

@@ -183,6 +183,8 @@ class InferenceCLI(LightningCLI):
         add_arguments: adds the command's own options to the parser.
         progress_bar: show Lightning's progress bar (``generate``).
         device: build the model on this device (``"cuda:1"``) rather than the recipe accelerator's first one.
+        check_arguments: checks the command's own options (the parsed config) before anything is built, raising
+            one-line errors; the shared ones (decoding, ``--prompt_style``, an ``--adapter`` path) are checked then.
     """
 
     def __init__(
@@ -194,8 +196,10 @@ class InferenceCLI(LightningCLI):
         add_arguments: Callable[[LightningArgumentParser], None] | None = None,
         progress_bar: bool = False,
         device: str | None = None,
+        check_arguments: Callable[[Any], None] | None = None,
     ) -> None:
         self._add_command_arguments = add_arguments
+        self._check_command_arguments = check_arguments
         self._progress_bar = progress_bar
         self._device = torch.device(device) if device is not None else None
         self.recipe_callbacks: list[Any] = []
@@ -239,6 +243,24 @@ class InferenceCLI(LightningCLI):
         add_generation_arguments(parser)
         if self._add_command_arguments is not None:
             self._add_command_arguments(parser)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Check the options that need nothing built, before the model and the Trainer are (one line each).
+
+        Raises:
+            ValueError: for a bad decoding option, ``--prompt_style`` or command option.
+            FileNotFoundError: for an ``--adapter`` path that does not exist.
+        """
+        generation_options(self.config)
+        style = self._get(self.config, "prompt_style")
+        if style is not None:
+            check_prompt_style(style)
+        adapter = self._get(self.config, "adapter")
+        if adapter is not None and str(adapter).lower() not in ("auto", "none"):
+            adapter_kind(adapter)  # a PEFT folder or a checkpoint file
+        if self._check_command_arguments is not None:
+            self._check_command_arguments(self.config)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -293,13 +315,22 @@ class InferenceCLI(LightningCLI):
         options = generation_options(self.config_init)
         data = self.datamodule
         style = self._get(self.config_init, "prompt_style") or getattr(data, "prompt_style", None) or "chat_template"
-        if style not in ("chat_template", "alpaca"):
-            raise ValueError(f"--prompt_style {style!r}: use chat_template or alpaca")
+        check_prompt_style(style)
         system = self._get(self.config_init, "system_prompt")
         system = system if system is not None else getattr(data, "system_prompt", None)
         if isinstance(getattr(self.model, "generation", None), GenerationOptions):
             self.model.generation = options
         return Inference(self.model, self.trainer, options, style, system, self.adapter())
+
+
+def check_prompt_style(style: str) -> None:
+    """Refuse a prompt style other than ``chat_template`` and ``alpaca``.
+
+    Raises:
+        ValueError: naming the style received.
+    """
+    if style not in ("chat_template", "alpaca"):
+        raise ValueError(f"--prompt_style {style!r}: use chat_template or alpaca")
 
 
 def add_generation_arguments(parser: LightningArgumentParser) -> None:

@@ -13,6 +13,7 @@ of the model on the device, answering N requests at once).
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,15 +31,62 @@ from lightning_qlora.utils.errors import first_line
 DESCRIPTION = "Serve the fine-tuned model over an OpenAI-compatible HTTP API (LitServe)."
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+"""uvicorn's log levels (``--log_level``)."""
+
+
 def _arguments(parser: LightningArgumentParser) -> None:
     parser.add_argument("--host", type=str, default="127.0.0.1", help="127.0.0.1 (this machine only) or 0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (1-65535; below 1024 needs root)")
     parser.add_argument(
         "--model_name", type=str | None, default=None, help="the id /v1/models lists (default: the run)"
     )
     parser.add_argument("--workers", type=int, default=1, help="model copies answering requests at once")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait in the queue")
-    parser.add_argument("--log_level", type=str, default="info", help="uvicorn/LitServe log level")
+    parser.add_argument(
+        "--log_level", type=str, default="info", help=f"uvicorn/LitServe log level: {', '.join(LOG_LEVELS)}"
+    )
+
+
+def check_serve_arguments(config: Any, port_free: bool = False) -> None:
+    """Refuse bad ``serve`` options in one line each, before the recipe's model, tokenizer or Trainer is built.
+
+    Args:
+        config: the parsed command line (``host``, ``port``, ``workers``, ``timeout``, ``log_level``).
+        port_free: also check that ``host:port`` can be listened on now (a socket is bound and closed).
+
+    Raises:
+        ValueError: naming the value received and what to pass instead.
+    """
+    port, workers, timeout = config["port"], config["workers"], config["timeout"]
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError(f"--port {port!r}: pass a TCP port from 1 to 65535 (e.g. 8000; below 1024 needs root)")
+    if type(workers) is not int or workers < 1:
+        raise ValueError(f"--workers {workers!r}: pass a whole number >= 1 (model copies answering at once)")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"--timeout {timeout!r}: pass the seconds a request may wait in the queue, > 0 (e.g. 600)")
+    if str(config["log_level"]).lower() not in LOG_LEVELS:
+        raise ValueError(f"--log_level {config['log_level']!r}: pass one of {', '.join(LOG_LEVELS)}")
+    host = config["host"]
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"--host {host!r}: pass 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    if port_free:
+        _check_can_listen(host, port)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (``SO_REUSEADDR``) and let go, so a port in use is said before any load."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as err:
+        reason = err.strerror or first_line(err)
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen there ({reason}); pass another --port, or stop what uses it"
+        ) from None
 
 
 class QLoRAServeAPI(ls.LitAPI):
@@ -125,24 +173,31 @@ def _model_context_window(inference: Inference) -> int | None:
     return context_window(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust))
 
 
-def serve_api(args: list[str], parser_class: type[LightningArgumentParser]) -> tuple[QLoRAServeAPI, InferenceCLI]:
+def serve_api(
+    args: list[str], parser_class: type[LightningArgumentParser], check_port: bool = False
+) -> tuple[QLoRAServeAPI, InferenceCLI]:
     """The LitAPI to serve (its spec checks and renders requests) and the parsed command line.
 
-    The recipe is read and the tokenizer loaded here, so bad options fail before anything starts; the model is built
-    later, in LitServe's worker process (:meth:`QLoRAServeAPI.setup`).
+    The options are checked first (:func:`check_serve_arguments`, before anything is built), then the recipe is read
+    and the tokenizer loaded here, so bad options fail before anything starts; the model is built later, in
+    LitServe's worker process (:meth:`QLoRAServeAPI.setup`).
+
+    Args:
+        args: the command line after ``serve``.
+        parser_class: the CLI's parser class.
+        check_port: also refuse a ``--host``/``--port`` that cannot be listened on now (``serve_command`` does).
 
     Raises:
         ValueError: for bad options.
         FileNotFoundError: for a missing adapter.
     """
-    cli = InferenceCLI(args, parser_class, "lightning-qlora serve", DESCRIPTION, _arguments)
+
+    def check(config: Any) -> None:
+        check_serve_arguments(config, port_free=check_port)
+
+    cli = InferenceCLI(args, parser_class, "lightning-qlora serve", DESCRIPTION, _arguments, check_arguments=check)
     config = cli.config_init
-    for name in ("workers", "port"):
-        if type(config[name]) is not int or config[name] < 1:
-            raise ValueError(f"--{name} {config[name]!r}: pass a whole number >= 1")
     inference = cli.inference()
-    if inference.adapter is not None and not Path(inference.adapter).expanduser().exists():
-        raise FileNotFoundError(f"adapter {inference.adapter} does not exist; pass a PEFT adapter folder or a .ckpt")
     window = _model_context_window(inference)
     renderer = PromptRenderer(inference.tokenizer, inference.style, inference.system_prompt, window, inference.options)
     spec = OpenAIServeSpec(renderer, config["model_name"] or served_name(inference))
@@ -159,7 +214,7 @@ def serve_command(args: list[str], parser_class: type[LightningArgumentParser] =
     Raises:
         ValueError: for bad options, host or port (the CLI prints one line).
     """
-    api, cli = serve_api(args, parser_class)
+    api, cli = serve_api(args, parser_class, check_port=True)
     config = cli.config_init
     server = ls.LitServer(
         api,
@@ -171,7 +226,8 @@ def serve_command(args: list[str], parser_class: type[LightningArgumentParser] =
     add_error_handlers(server.app)
     host, port = config["host"], config["port"]
     print(f"lightning-qlora serve: {api.spec.model_name} at http://{host}:{port}/v1 (Ctrl+C stops)", file=sys.stderr)
-    server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level=config["log_level"])
+    level = str(config["log_level"]).lower()
+    server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level=level)
 
 
-__all__ = ["QLoRAServeAPI", "serve_api", "serve_command", "served_name"]
+__all__ = ["LOG_LEVELS", "QLoRAServeAPI", "check_serve_arguments", "serve_api", "serve_command", "served_name"]

@@ -203,3 +203,61 @@ def test_the_api_pickles_as_litserve_spawns_it(server):
     api, _ = serve_api(server["args"], LightningArgumentParser)
     again = pickle.loads(pickle.dumps(api))
     assert again.args == server["args"] and again.spec.renderer.tokenizer("fox")["input_ids"]
+
+
+def run_serve(args, capsys, monkeypatch):
+    """``(exit code, stderr)`` of ``lightning-qlora serve`` that must stop before the recipe's classes are built."""
+
+    def built(self):
+        raise AssertionError("the model and Trainer were built before the options were checked")
+
+    monkeypatch.setattr(InferenceCLI, "instantiate_classes", built)
+    monkeypatch.setattr(sys, "argv", ["lightning-qlora"])
+    capsys.readouterr()
+    try:
+        main(["serve", *args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bare_recipe(tmp_path_factory):
+    """A recipe whose model is never loaded: these checks come first."""
+    path = tmp_path_factory.mktemp("serve_options") / "recipe.yaml"
+    path.write_text('model:\n  class_path: lightning_qlora.CausalLM\n  init_args:\n    model: "never-loaded"\n')
+    return path
+
+
+BAD_OPTIONS = {
+    "port too high": (["--port", "70000"], "--port 70000: pass a TCP port from 1 to 65535"),
+    "port zero": (["--port", "0"], "--port 0: pass a TCP port from 1 to 65535"),
+    "no workers": (["--workers", "0"], "--workers 0: pass a whole number >= 1"),
+    "no timeout": (["--timeout", "0"], "--timeout 0.0: pass the seconds a request may wait in the queue, > 0"),
+    "log level": (["--log_level", "loud"], "--log_level 'loud': pass one of critical, error, warning, info, debug"),
+    "empty host": (["--host", " "], "--host ' ': pass 127.0.0.1 (this machine only) or 0.0.0.0"),
+    "decoding": (["--max_new_tokens", "0"], "max_new_tokens=0: pass a whole number >= 1"),
+    "prompt style": (["--prompt_style", "plain"], "--prompt_style 'plain': use chat_template or alpaca"),
+    "missing adapter": (["--adapter", "/nowhere/adapter"], "adapter /nowhere/adapter does not exist; pass a PEFT"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_options_are_one_line_before_anything_is_built(case, bare_recipe, capsys, monkeypatch):
+    options, expected = BAD_OPTIONS[case]
+    code, err = run_serve(["--config", str(bare_recipe), *options], capsys, monkeypatch)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err  # nothing else printed: no Trainer, no tips, no loading
+    assert lines[0].startswith("lightning-qlora: error: ") and expected in lines[0], err
+
+
+def test_a_port_in_use_is_one_line_before_anything_is_built(bare_recipe, capsys, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = run_serve(["--config", str(bare_recipe), "--port", str(port)], capsys, monkeypatch)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (" in lines[0] and "pass another --port" in lines[0]

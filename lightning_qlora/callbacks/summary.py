@@ -6,7 +6,8 @@ deprecation warnings Lightning's own code raises (see
 :class:`~lightning_qlora.callbacks.progress.QuietLightningInternals`).
 
 At fit end the table also shows the :mod:`~lightning_qlora.memory.planner`'s prediction for the run (its model
-config, the largest batch seen, the LoRA callback, the precision plugin and the strategy) next to the measured peak.
+config, the largest batch seen, the LoRA callback, the precision plugin, the strategy and, for a
+:class:`~lightning_qlora.PreferenceLM`, its objective) next to the measured peak.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lightning_qlora.callbacks.progress import QuietLightningInternals, count_to
 from lightning_qlora.callbacks.run_lock import keep_existing_output, optimizer_steps_this_fit
 from lightning_qlora.memory.footprint import measure_footprint
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
+from lightning_qlora.models.preference import PreferenceLM
 from lightning_qlora.plugins.precision import NF4Precision
 from lightning_qlora.utils.atomic import atomic_write_text
 from lightning_qlora.utils.formatting import format_bytes
@@ -185,10 +187,14 @@ def plan_for_run(
 ) -> MemoryPlan | None:
     """The planner's prediction for a (running) fit: model config, LoRA callback, precision plugin, strategy.
 
+    A :class:`~lightning_qlora.PreferenceLM` is planned as its objective's step (``preference=method``: sequence
+    scores, and the reference forward for DPO and IPO). Its batches already hold the chosen and the rejected
+    sequences (``2B`` rows of ``input_ids``), which is what the planner's ``batch_size`` counts: nothing is doubled.
+
     Args:
         trainer: the Trainer.
         pl_module: the module; its wrapped network must have a transformers ``config``.
-        batch_shape: ``(batch, sequence)`` per device.
+        batch_shape: ``(batch, sequence)`` of ``input_ids`` per device (sequences, not pairs).
 
     Returns:
         The plan, or ``None`` when the model or setup is not one the planner knows (logged at debug level).
@@ -217,6 +223,7 @@ def plan_for_run(
             sharding="fsdp" if "fsdp" in type(strategy).__name__.lower() else "ddp",
             loss_chunk_size=hparams.get("loss_chunk_size") if hasattr(hparams, "get") else None,
             device_type=strategy.root_device.type,
+            preference=pl_module.method if isinstance(pl_module, PreferenceLM) else None,
         )
     except Exception as err:  # a model the planner does not know must not break the summary
         log.debug("RunSummary: no memory plan for %s (%s)", type(root).__name__, err)

@@ -7,6 +7,10 @@ model, data module, trainer or weights. From the parsed config it reads the mode
 module's ``batch_size``/``max_length``, the callbacks that are a ``LoRA``, the plugins that are an ``NF4Precision``,
 the strategy (optimizer, DDP/FSDP) and ``trainer.devices``; then prints
 :meth:`~lightning_qlora.memory.planner.MemoryPlan.format_table` and, with ``--budget``, the advice.
+
+A recipe whose model is a :class:`~lightning_qlora.PreferenceLM` is planned as its objective's step
+(``preference=method``: the reference forward of DPO and IPO, the sequence scores), with ``2 × batch_size``
+sequences a step: the data module's ``batch_size`` counts pairs, each a chosen and a rejected sequence.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 
 from lightning_qlora.callbacks.lora import LoRA
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
+from lightning_qlora.models.preference import PreferenceLM
 from lightning_qlora.plugins.precision import NF4Precision
 from lightning_qlora.strategies.single_device import PagedOptimizerMixin
 from lightning_qlora.utils.errors import first_line
@@ -71,7 +76,8 @@ class _RecipeCLI(LightningCLI):
                             "when the plan exceeds it")  # fmt: skip
         parser.add_argument("--devices", type=int | None, help="number of GPUs (default: trainer.devices x num_nodes)")
         parser.add_argument("--sharding", choices=("ddp", "fsdp"), help="default: from the strategy")
-        parser.add_argument("--batch-size", type=int | None, help="sequences per GPU per step (default: batch_size)")
+        parser.add_argument("--batch-size", type=int | None, help="sequences per GPU per step (default: the data "
+                            "module's batch_size; twice it for a PreferenceLM, whose rows are pairs)")  # fmt: skip
         parser.add_argument("--seq-len", type=int | None, help="tokens per sequence (default: data max_length)")
         parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
 
@@ -180,7 +186,8 @@ def plan_recipe(
     Args:
         recipe: the config :func:`parse_recipe` returns, or a recipe dict (parsed here, as ``fit`` would).
         devices: GPUs (default the recipe's ``trainer.devices`` × ``num_nodes``).
-        batch_size: sequences per device per step (default the data module's ``batch_size``).
+        batch_size: sequences per device per step (default the data module's ``batch_size``; for a
+            :class:`~lightning_qlora.PreferenceLM`, twice it: each pair is a chosen and a rejected sequence).
         seq_len: tokens per sequence (default the data module's ``max_length``: the longest a batch can be).
         sharding: ``ddp`` or ``fsdp`` (default from the strategy: FSDP strategies shard, others replicate).
 
@@ -189,6 +196,7 @@ def plan_recipe(
     """
     config = recipe if isinstance(recipe, Namespace) else parse_recipe(recipe)
     model_args = (config.get("model") or Namespace()).get("init_args") or Namespace()
+    preference = recipe_preference(config)
     if not model_args.get("model"):
         raise ValueError("the recipe has no model.init_args.model; set the model directory, .json, GGUF or hub id")
     data_args = (config.get("data") or Namespace()).get("init_args") or Namespace()
@@ -204,7 +212,7 @@ def plan_recipe(
     )
     return plan_memory(
         _model_config_source(str(model_args.model), model_args.get("cache_dir")),
-        batch_size=int(batch_size or data_args.get("batch_size") or 1),
+        batch_size=int(batch_size or (2 if preference else 1) * int(data_args.get("batch_size") or 1)),
         seq_len=int(seq_len or data_args.get("max_length") or 2048),
         lora=lora.config if lora else None,
         quantization=precision.config if precision else None,
@@ -217,7 +225,35 @@ def plan_recipe(
         loss_chunk_size=model_args.get("loss_chunk_size"),
         device_type="cpu" if on_cpu else "cuda",
         trust_remote_code=bool(model_args.get("trust_remote_code", False)),
+        preference=preference,
     )
+
+
+def recipe_preference(recipe: Namespace) -> str | None:
+    """The objective (``dpo``, ``ipo``, ``orpo``) of a recipe whose model is a ``PreferenceLM``, else ``None``.
+
+    Args:
+        recipe: the config :func:`parse_recipe` returns.
+    """
+    model = recipe.get("model")
+    for cls, args in _entries(model):
+        if isinstance(cls, type) and issubclass(cls, PreferenceLM):
+            return str(args.get("method") or "dpo")
+    return None
+
+
+def _preference_line(plan: MemoryPlan) -> str | None:
+    """One line on what a preference plan counts (``None`` for a supervised plan)."""
+    method = plan.settings["arguments"].get("preference")
+    if not method:
+        return None
+    s = plan.settings
+    pairs = f"{s['batch_size'] // 2} pairs = " if s["batch_size"] % 2 == 0 else ""
+    reference = s["phases"].get("reference forward")
+    ref = "no reference"
+    if reference:
+        ref = f"reference forward (adapters off, no weights added) {format_bytes(reference)}"
+    return f"preference: {method}, {pairs}{s['batch_size']} sequences a step; {ref}"
 
 
 def memory_command(argv: list[str]) -> None:
@@ -243,10 +279,13 @@ def memory_command(argv: list[str]) -> None:
     if config.json:
         payload = {k: v for k, v in plan.as_dict().items() if k != "settings"}
         payload["settings"] = {k: v for k, v in plan.settings.items() if k != "arguments"}
+        payload["settings"]["preference"] = plan.settings["arguments"].get("preference")
         payload["advice"] = plan.advice(budget) if budget else None
         print(json.dumps(payload, indent=2, default=str))
         return
     print(plan.format_table())
+    if (line := _preference_line(plan)) is not None:
+        print(line)
     if budget is not None:
         advice = plan.advice(budget)
         if not advice:

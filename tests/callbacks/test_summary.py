@@ -3,6 +3,7 @@
 import re
 
 import lightning as L
+import pytest
 import torch
 from conftest import TinyMLP
 from torch.utils.data import DataLoader
@@ -10,7 +11,9 @@ from torch.utils.data import DataLoader
 from lightning_qlora import LoRA, NF4Precision, PagedOptimizerStrategy, RunSummary
 from lightning_qlora.callbacks.summary import plan_for_run
 from lightning_qlora.memory.footprint import measure_footprint
+from lightning_qlora.memory.planner import MemoryPlan, plan_memory
 from lightning_qlora.models.causal_lm import CausalLM
+from lightning_qlora.models.preference import PreferenceLM
 from lightning_qlora.utils.formatting import format_bytes
 
 
@@ -65,3 +68,46 @@ def test_no_plan_for_a_model_without_a_transformers_config():
 
     trainer = L.Trainer(logger=False, enable_progress_bar=False)
     assert plan_for_run(trainer, MLPModule(), (2, 8)) is None
+
+
+def _pair_batches(shapes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    """Batches as PreferenceDataModule builds them: ``2B`` rows (chosen, then rejected), the prompt not scored."""
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for rows, length in shapes:
+        ids = torch.randint(4, 512, (rows, length), generator=gen)
+        labels = ids.clone()
+        labels[:, : length // 2] = -100  # the shared prompt is not scored
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def _same_plan(a: MemoryPlan, b: MemoryPlan) -> bool:
+    fields = ("peak", "activations", "activations_with_checkpointing", "activations_without_checkpointing")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and a.settings["phases"] == b.settings["phases"]
+
+
+def test_summary_plans_a_preference_run_with_its_reference_pass_and_both_sequences(tiny_llama_dir, tmp_path):
+    """A DPO run is planned as ``plan_memory(preference="dpo")`` of the ``2B`` sequences its batches hold (not 4B)."""
+    module = PreferenceLM(model=str(tiny_llama_dir), method="dpo", dtype="fp32", lr=1e-3, loss_chunk_size=None)
+    summary = RunSummary()
+    lora = LoRA(r=8, alpha=16, dropout=0.0)
+    trainer = _fit(module, _pair_batches([(4, 24), (2, 16)]), [lora, summary], tmp_path)
+    assert summary.batch_shape == (4, 24)  # 2 pairs: 2 chosen + 2 rejected sequences
+    direct = dict(lora=lora.config, quantization=trainer.precision_plugin.config, optimizer="paged_adamw_32bit",
+                  gradient_checkpointing=False, dtype=torch.float32, loss_chunk_size=None,
+                  device_type="cpu")  # fmt: skip
+    expected = plan_memory(module.model.config, 4, 24, preference="dpo", **direct)
+    assert summary.plan is not None and _same_plan(summary.plan, expected)
+    assert summary.plan.settings["batch_size"] == 4 and "reference forward" in summary.plan.settings["phases"]
+    for wrong in (plan_memory(module.model.config, 4, 24, **direct),  # planned as a supervised step
+                  plan_memory(module.model.config, 8, 24, preference="dpo", **direct)):  # pairs doubled twice
+        assert not _same_plan(summary.plan, wrong) and wrong.peak != expected.peak
+    # ORPO: the same step without the reference forward
+    module.method = "orpo"
+    orpo = plan_for_run(trainer, module, (4, 24))
+    assert orpo is not None and _same_plan(orpo, plan_memory(module.model.config, 4, 24, preference="orpo", **direct))
+    assert "reference forward" not in orpo.settings["phases"]
+    assert not _same_plan(orpo, expected) and not _same_plan(orpo, plan_memory(module.model.config, 4, 24, **direct))
+    with pytest.raises(ValueError, match="not a preference method"):  # the method reaches the planner as is
+        plan_memory(module.model.config, 4, 24, preference="kto", **direct)

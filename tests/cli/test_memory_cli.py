@@ -10,6 +10,8 @@ import yaml
 
 from lightning_qlora.cli.main import main
 from lightning_qlora.cli.memory import plan_recipe
+from lightning_qlora.memory.planner import MemoryPlan, plan_memory
+from lightning_qlora.utils.formatting import format_bytes
 
 RECIPES = sorted(Path(__file__).parents[2].joinpath("recipes").rglob("*.yaml"))
 
@@ -128,6 +130,45 @@ def test_strategy_names_and_classes(recipe_dict, write, capsys, strategy, shardi
     assert (settings["sharding"], settings["optimizer"], settings["devices"]) == (sharding, optimizer, 4)
 
 
+def _preference_recipe(recipe_dict: dict, method: str) -> dict:
+    recipe_dict["model"]["class_path"] = "lightning_qlora.PreferenceLM"
+    recipe_dict["model"]["init_args"]["method"] = method
+    recipe_dict["data"]["class_path"] = "lightning_qlora.PreferenceDataModule"  # batch_size 4 = 4 pairs
+    return recipe_dict
+
+
+def _same_plan(a: dict, b: MemoryPlan) -> bool:
+    keys = ("peak", "activations", "activations_with_checkpointing", "activations_without_checkpointing", "resident")
+    return all(a[k] == getattr(b, k) for k in keys) and a["settings"]["phases"] == b.settings["phases"]
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "orpo"])
+@pytest.mark.parametrize("chunk", [4096, None])
+def test_preference_recipe_plans_both_sequences_of_each_pair_and_the_reference(recipe_dict, write, capsys, method,
+                                                                               chunk):  # fmt: skip
+    """A PreferenceLM recipe = ``plan_memory(preference=method)`` of 2 sequences per pair, as the planner is called."""
+    recipe_dict["model"]["init_args"]["loss_chunk_size"] = chunk
+    sft = plan_recipe(recipe_dict)  # the same recipe as a supervised run (checked by the tests above)
+    args = {k: v for k, v in sft.settings["arguments"].items() if k not in ("batch_size", "preference")}
+    recipe = _preference_recipe(recipe_dict, method)
+    path = str(write(recipe))
+    payload = plan_json(["--config", path], capsys)
+    expected = plan_memory(**args, batch_size=8, preference=method)  # 4 pairs: 4 chosen + 4 rejected sequences
+    assert payload["settings"]["batch_size"] == 8 and payload["settings"]["preference"] == method
+    assert _same_plan(payload, expected)
+    assert ("reference forward" in payload["settings"]["phases"]) is (method != "orpo")
+    for wrong in (plan_memory(**args, batch_size=8), plan_memory(**args, batch_size=16, preference=method)):
+        assert not _same_plan(payload, wrong)  # as a supervised step, or pairs doubled twice
+    assert _same_plan(plan_json(["--config", path, "--batch-size", "6"], capsys),
+                      plan_memory(**args, batch_size=6, preference=method))  # --batch-size counts sequences
+    main(["memory", "--config", path])
+    out = capsys.readouterr().out
+    assert "batch 8 x 64" in out and f"preference: {method}, 4 pairs = 8 sequences a step; " in out
+    reference = expected.settings["phases"].get("reference forward")
+    assert (f"reference forward (adapters off, no weights added) {format_bytes(reference)}" if reference
+            else "no reference") in out  # fmt: skip
+
+
 def test_nothing_is_instantiated_or_seeded(recipe_dict, write, capsys, monkeypatch):
     import lightning_qlora
     from lightning_qlora.cli.main import QLoRATrainer
@@ -156,7 +197,9 @@ def test_every_recipe_plans_on_a_tiny_stand_in(recipe, tiny_llama_dir, capsys, m
     raw = yaml.safe_load(recipe.read_text())
     lora = next(c["init_args"] for c in raw["trainer"]["callbacks"] if c["class_path"].endswith(".LoRA"))
     assert payload["settings"]["r"] == lora["r"]
-    assert payload["settings"]["batch_size"] == raw["data"]["init_args"]["batch_size"]
+    pairs = raw["model"]["class_path"].endswith(".PreferenceLM")  # its batch_size counts pairs: 2 sequences each
+    assert payload["settings"]["batch_size"] == (2 if pairs else 1) * raw["data"]["init_args"]["batch_size"]
+    assert payload["settings"]["preference"] == (raw["model"]["init_args"].get("method", "dpo") if pairs else None)
     assert payload["settings"]["gradient_checkpointing"] is bool(lora.get("gradient_checkpointing", False))
 
 

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning_qlora import LoRA, NF4Precision  # noqa: E402
 from lightning_qlora.lora.layer import lora_state_dict  # noqa: E402
 from lightning_qlora.models.causal_lm import CausalLM  # noqa: E402
+from lightning_qlora.models.preference import PreferenceLM  # noqa: E402
 from lightning_qlora.strategies.ddp import (  # noqa: E402
     PagedDDPStrategy,
     replica_checksums,
@@ -65,6 +66,45 @@ def loader(batch_size: int, rank: int = 0, world_size: int = 1, n: int = 12) -> 
     """
     subset = torch.utils.data.Subset(token_batches(n), list(range(rank, n, world_size)))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+
+
+PAIRS, VAL_PAIRS = 12, 8
+PROMPT = 6  # tokens of each pair's prompt, shared by its chosen and rejected sequences and never scored
+
+
+def preference_pairs(n: int, seed: int) -> list[dict]:
+    """``n`` pairs of equal-length sequences (no padding), as :class:`PreferenceDataModule` examples.
+
+    Chosen responses draw their tokens from ``[10, 14)``, rejected ones from ``[400, 404)``: a preference that
+    carries over to pairs not trained on, so the loss of each new batch falls.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        prompt = torch.randint(4, 512, (PROMPT,), generator=gen).tolist()
+        sides = {}
+        for side, (low, high) in (("chosen", (10, 14)), ("rejected", (400, 404))):
+            response = torch.randint(low, high, (SEQ - PROMPT,), generator=gen).tolist()
+            sides[f"{side}_input_ids"] = prompt + response
+            sides[f"{side}_labels"] = [-100] * PROMPT + response
+        pairs.append({**sides, "index": i})
+    return pairs
+
+
+def preference_loader(
+    pairs_per_batch: int, rank: int = 0, world_size: int = 1, val: bool = False
+) -> torch.utils.data.DataLoader:
+    """Pairs ``rank, rank + world_size, ...`` in order (each rank sees its own pairs), ``2B`` rows per batch."""
+    from lightning_qlora.data.preference import PreferenceCollator
+
+    pairs = preference_pairs(VAL_PAIRS, seed=2) if val else preference_pairs(PAIRS, seed=1)
+    subset = torch.utils.data.Subset(pairs, list(range(rank, len(pairs), world_size)))
+    return torch.utils.data.DataLoader(subset, batch_size=pairs_per_batch, collate_fn=PreferenceCollator(pad_id=3))
+
+
+def preference_module(model_dir: str) -> PreferenceLM:
+    """DPO with a large enough step that 3 steps move the loss well away from log 2 (its value at B = 0)."""
+    return PreferenceLM(model=model_dir, method="dpo", beta=0.5, lr=5e-3)
 
 
 def adapter_sums(module: torch.nn.Module) -> dict[str, int]:
@@ -169,6 +209,27 @@ def run_ddp(cfg: dict, out: Path, rank: int) -> dict:
         "optimizer_state_params": len(strategy.optimizers[0].state),
         "lm_eval_metrics": lm_eval.last_metrics,
         "ckpt": str(ckpt.best_model_path or ckpt.last_model_path),
+    }
+
+
+def run_ddp_preference(cfg: dict, out: Path, rank: int) -> dict:
+    """DPO under DDP: each rank scores its own pairs (reference pass included), validation over both ranks' pairs."""
+    record = Record(seed=100)
+    lora = LoRA(r=8, alpha=16, dropout=0.0)
+    kwargs = trainer_kwargs(out, strategy=PagedDDPStrategy(), plugins=[NF4Precision()], callbacks=[lora, record])
+    trainer = pl.Trainer(**{**kwargs, "gradient_clip_val": None}, enable_checkpointing=False)
+    module = preference_module(cfg["model_dir"])
+    train = preference_loader(2, rank=rank, world_size=2)  # 3 batches of 2 pairs: one epoch, validated at its end
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=preference_loader(2, rank, 2, val=True))
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in lora_state_dict(module).items()}, out / "dpo_final.pt")
+    return {
+        "losses": record.losses,
+        "local_losses": record.local_losses,
+        "start": record.start_adapters,
+        "final": adapter_sums(module),
+        "preference_history": module.preference_history,
+        "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")},
     }
 
 
@@ -324,6 +385,7 @@ def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
 SCENARIOS = {
     "ddp": run_ddp,
     "ddp_compiled": run_ddp_compiled,
+    "ddp_preference": run_ddp_preference,
     "fsdp": run_fsdp,
     "fsdp2": run_fsdp2,
     "collectives": run_collectives,

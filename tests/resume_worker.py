@@ -3,7 +3,9 @@
 Usage: python tests/resume_worker.py SPEC.json
 
 SPEC keys: root, model_dir, data, max_steps, resume (bool), kill ("none" | "forward:K" | "after_step:K" |
-"save:K" | "write:K", K a global step). The final adapter goes to <root>/adapter (PEFT format).
+"save:K" | "write:K", K a global step), packing (bool), objective (absent: ``CausalLM`` on the instruction rows;
+"dpo" | "ipo" | "orpo": ``PreferenceLM`` on pairs made from them, rejected = another row's answer). The final
+adapter goes to <root>/adapter (PEFT format).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision, PagedOptimizerStrategy
+from lightning_qlora import (
+    CausalLM,
+    InstructionDataModule,
+    LoRA,
+    NF4Precision,
+    PagedOptimizerStrategy,
+    PreferenceDataModule,
+    PreferenceLM,
+)
 from lightning_qlora.callbacks.checkpoint import ResumableCheckpoint
 from lightning_qlora.callbacks.guards import NonFiniteGuard
 from lightning_qlora.callbacks.resume import ExactResume
@@ -104,12 +114,21 @@ def main(spec_path: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = CausalLM(model=spec["model_dir"], dtype="fp32", lr=5e-3, warmup_steps=3)
-    packing = spec.get("packing", False)
-    data = InstructionDataModule(spec["data"], batch_size=2, max_length=96, val_split=4, seed=11, packing=packing)
+    objective = spec.get("objective")
+    data: InstructionDataModule
+    if objective:  # DPO/IPO: each step also runs the reference forward (adapters off) before the policy's
+        model = PreferenceLM(model=spec["model_dir"], method=objective, beta=0.5, dtype="fp32", lr=5e-3, warmup_steps=3)
+        data = PreferenceDataModule(spec["data"], rejected_from="other_answer", batch_size=2, max_length=96,
+                                    val_split=4, seed=11)  # fmt: skip
+    else:
+        model = CausalLM(model=spec["model_dir"], dtype="fp32", lr=5e-3, warmup_steps=3)
+        packing = spec.get("packing", False)
+        data = InstructionDataModule(spec["data"], batch_size=2, max_length=96, val_split=4, seed=11, packing=packing)
     trainer.fit(model, datamodule=data, ckpt_path="last" if spec.get("resume") else None)
     print(f"finished at step {trainer.global_step}", flush=True)
     print(f"val_history={json.dumps(model.val_history)}", flush=True)
+    if objective:
+        print(f"preference_history={json.dumps(model.preference_history)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from lightning_qlora.cli.main import main as cli_main
 from lightning_qlora.data.loader import ResumableDataLoader
 
 MAX_STEPS = 10  # 12 packs of two rows per epoch, 2 per batch, 2 batches per step: epochs end at steps 3, 6, 9
+DPO_STEPS = 5  # 24 pairs per epoch, 2 per batch, 2 batches per step; validated every 5 batches
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +35,18 @@ def workload(tmp_path_factory, tiny_llama_dir) -> dict:
     return {"root": root, "model_dir": str(tiny_llama_dir), "data": str(data)}
 
 
-def run_worker(workload: dict, name: str, kill: str = "none", resume: bool = False) -> subprocess.CompletedProcess:
+def run_worker(
+    workload: dict, name: str, kill: str = "none", resume: bool = False, objective: str | None = None
+) -> subprocess.CompletedProcess:
     spec = {
         "root": str(workload["root"] / name),
         "model_dir": workload["model_dir"],
         "data": workload["data"],
-        "max_steps": MAX_STEPS,
+        "max_steps": DPO_STEPS if objective else MAX_STEPS,
         "kill": kill,
         "resume": resume,
         "packing": True,  # packed batches (two rows per sequence): positions, labels and packs must resume exactly
+        "objective": objective,  # a PreferenceLM on pairs of the same rows instead (packing does not apply)
     }
     tag = f"{name}-{kill.replace(':', '')}-{int(resume)}"
     path = workload["root"] / f"{tag}.json"
@@ -60,8 +64,8 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), (key, (a[key] - b[key]).abs().max())
 
 
-def val_history(stdout: str) -> list:
-    return json.loads(stdout.split("val_history=")[1].splitlines()[0])
+def val_history(stdout: str, key: str = "val_history") -> list:
+    return json.loads(stdout.split(f"\n{key}=")[1].splitlines()[0])
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,28 @@ def test_killed_four_times_then_resumed_gives_the_same_adapter_bits(workload, un
     assert val_history(done.stdout) == workload["val_history"] and len(workload["val_history"]) >= 3
     before = adapter(workload["root"] / "baseline")  # and training moved the adapter away from B = 0
     assert any(k.endswith("lora_B.weight") and before[k].abs().max() > 0 for k in before)
+
+
+def test_dpo_killed_then_resumed_gives_the_same_adapter_bits(workload):
+    """PreferenceLM (DPO: a reference forward with adapters off each step, dropout 0.1) killed mid-run and resumed."""
+    baseline = run_worker(workload, "dpo_baseline", objective="dpo")
+    assert baseline.returncode == 0, baseline.stderr[-2000:]
+    assert f"finished at step {DPO_STEPS}" in baseline.stdout
+    root = workload["root"] / "dpo_killed"
+    # killed mid gradient-accumulation window of step 3, after the validation of batch 5 (not in `last`: redone)
+    died = run_worker(workload, "dpo_killed", kill="forward:2", objective="dpo")
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert saved["global_step"] == 2 and [s for s, _ in saved["preference_history"]] == []
+    done = run_worker(workload, "dpo_killed", resume=True, objective="dpo")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"finished at step {DPO_STEPS}" in done.stdout
+    expected = adapter(workload["root"] / "dpo_baseline")
+    assert_bit_identical(adapter(root), expected)
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in expected.items())  # it trained
+    history = val_history(baseline.stdout, "preference_history")  # every 5 batches: after steps 2 and 5
+    assert [step for step, _ in history] == [2, 5] and all(values["margins"] != 0 for _, values in history)
+    assert val_history(done.stdout, "preference_history") == history  # the same numbers after the restart
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import re
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from transformers import GenerationMixin
 
 from lightning_qlora import LoRA, NF4Precision, NonFiniteGuard, PagedOptimizerStrategy, PreferenceDataModule
@@ -16,6 +17,7 @@ from lightning_qlora.lora.layer import LoRAConfig, inject_lora, mark_only_lora_t
 from lightning_qlora.models.preference import PreferenceLM, model_sequence_logps
 from lightning_qlora.models.sources import load_causal_lm
 from lightning_qlora.quantization.nf4 import is_4bit_linear
+from lightning_qlora.utils.finite import NonFiniteError
 
 TOPICS = ["the sky", "a fox", "the dog", "a cat", "the log", "birds", "the mat", "winter"]
 
@@ -114,3 +116,60 @@ def test_dpo_needs_adapters_and_bad_arguments_are_one_line_errors(tiny_llama_dir
                              ({"method": "ipo", "label_smoothing": 0.1}, "DPO's flip rate")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(fragment)):
             PreferenceLM(model=str(tiny_llama_dir), **kwargs)
+
+
+def test_peft_export_of_a_dpo_run_is_the_policy_and_peft_without_it_is_the_reference(fitted, tiny_llama_dir):
+    """The exported adapter loaded by peft on the same 4-bit base scores as the policy; disabled, as the reference."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from lightning_qlora.lora.layer import lora_state_dict
+
+    module, trainer, data, tmp = fitted
+    exported = load_file(tmp / "adapter" / "adapter_model.safetensors")
+    ours = lora_state_dict(module)
+    assert len(exported) == len(ours) == 28
+    for key, value in ours.items():  # exactly the trained adapters, under peft's names
+        assert torch.equal(exported["base_model.model." + key.removeprefix("model.") + ".weight"], value), key
+    base = load_causal_lm(tiny_llama_dir, quantization=trainer.precision_plugin.config, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp / "adapter")).eval()
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    args = (batch["input_ids"], batch["labels"], batch["attention_mask"])
+    with torch.no_grad():
+        policy = model_sequence_logps(module.model, *args, chunk_size=None)[0]
+        reference = module.reference_logps(batch)
+        peft_policy = model_sequence_logps(theirs, *args, chunk_size=None)[0]
+        with theirs.disable_adapter():
+            peft_reference = model_sequence_logps(theirs, *args, chunk_size=None)[0]
+    torch.testing.assert_close(peft_policy, policy, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(peft_reference, reference, atol=1e-4, rtol=1e-5)
+    assert (policy - reference).abs().min() > 1e-2  # the two differ: the check tells them apart
+
+
+def test_nan_from_the_reference_pass_stops_the_run_naming_the_pair(tiny_llama_dir, tmp_path):
+    """A NaN reference log-probability (no-grad pass, adapters off) reaches the loss; NonFiniteGuard names the pair."""
+
+    class NaNReference(PreferenceLM):
+        poisoned: str = ""
+
+        def reference_logps(self, batch):
+            reference = super().reference_logps(batch)
+            if self.trainer.training and self.global_step == 2:  # pair 0 of step 2: its chosen and rejected rows
+                self.poisoned = self.trainer.datamodule.describe_rows(batch["row_index"][:1].tolist())[0]
+                pairs = reference.size(0) // 2
+                reference = reference.clone()
+                reference[[0, pairs]] = float("nan")
+            return reference
+
+    module = NaNReference(model=str(tiny_llama_dir), method="dpo", dtype="fp32", lr=1e-2)
+    data = PreferenceDataModule(str(write_pairs(tmp_path / "pairs.jsonl", 12)), max_length=64, batch_size=2,
+                                val_split=2)  # fmt: skip
+    export = tmp_path / "adapter"
+    trainer = quiet_trainer(tmp_path, [LoRA(r=8, dropout=0.0, export_dir=str(export)), NonFiniteGuard()], 5)
+    with pytest.raises(NonFiniteError) as err:
+        trainer.fit(module, data)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("non-finite loss (nan) at step 2 (epoch 0, batch 2; rows ")
+    assert module.poisoned.startswith(f"{tmp_path / 'pairs.jsonl'} line ") and f"rows {module.poisoned}, " in message
+    assert not export.exists()  # nothing exported from the stopped run

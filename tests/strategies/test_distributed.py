@@ -31,7 +31,7 @@ from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
 from lightning_qlora.utils.dtypes import to_dtype
 
 WORKER = Path(__file__).parents[1] / "distributed_worker.py"
-SCENARIOS = ["collectives", "ddp", "ddp_compiled", "fsdp", "fsdp2"]
+SCENARIOS = ["collectives", "ddp", "ddp_compiled", "ddp_preference", "fsdp", "fsdp2"]
 LOSS_REL = 1e-3  # bf16 autocast (where native): the same math batched differently rounds differently (seen: 3e-4)
 
 
@@ -111,6 +111,30 @@ def reference(tiny_llama_dir, tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def preference_reference(tiny_llama_dir, tmp_path_factory) -> dict:
+    """One process, 4 pairs a step (= 2 ranks x 2) over the union of the ranks' pairs; validation over all 8."""
+    from distributed_worker import Record, adapter_sums, preference_loader, preference_module
+
+    record = Record(seed=100)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path_factory.mktemp("preference_reference"), strategy=PagedOptimizerStrategy(),
+        plugins=[NF4Precision()], callbacks=[LoRA(r=8, alpha=16, dropout=0.0), record],
+    )  # fmt: skip
+    module = preference_module(str(tiny_llama_dir))
+    with pytest.warns(UserWarning, match="paged optimizers need CUDA"):
+        trainer.fit(module, train_dataloaders=preference_loader(4), val_dataloaders=preference_loader(4, val=True))
+    return {
+        "losses": record.losses,
+        "start": record.start_adapters,
+        "final": adapter_sums(module),
+        "adapters": {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k},
+        "preference_history": [[step, values] for step, values in module.preference_history],
+    }
+
+
 # --------------------------------------------------------------------------------------------------------- DDP
 def test_ddp_all_reduces_only_the_adapters(runs):
     result = runs["ddp", 0]
@@ -145,6 +169,32 @@ def test_ddp_with_compiled_blocks_trains_like_one_eager_process(runs, reference)
     assert r0["start"] == reference["start"] and r0["final"] == r1["final"]  # replicas in lockstep
     assert r0["losses"][0] == pytest.approx(reference["losses"][0], rel=1e-3)
     assert r0["losses"] == pytest.approx(reference["losses"], rel=LOSS_REL)
+
+
+def test_ddp_preference_ranks_score_their_own_pairs_and_train_like_one_process(runs, preference_reference):
+    """DPO under DDP (reference pass = the same replica, adapters off) equals one process over the union of pairs."""
+    from distributed_worker import PAIRS
+
+    r0, r1, ref = runs["ddp_preference", 0], runs["ddp_preference", 1], preference_reference
+    assert r0["start"] == r1["start"] == ref["start"]  # rank 0's adapters broadcast, as one process draws them
+    assert r0["final"] == r1["final"]  # replicas in lockstep: the same all-reduced gradients on both ranks
+    assert len(r0["losses"]) == 3 == PAIRS // 4  # 3 steps of 2 pairs per rank: each pair seen once, on one rank
+    assert r0["local_losses"] != r1["local_losses"]  # the ranks scored different pairs ...
+    assert r0["losses"] == r1["losses"]  # ... and the logged loss is their mean
+    assert r0["losses"][0] == pytest.approx(math.log(2), abs=1e-6) == ref["losses"][0]  # B = 0: policy = reference
+    assert r0["losses"] == pytest.approx(ref["losses"], rel=LOSS_REL)
+    assert ref["losses"][-1] < 0.9 * ref["losses"][0]  # it trains: the comparison is not of three log 2s
+    final = torch.load(runs["out"] / "dpo_final.pt")
+    assert sorted(final) == sorted(ref["adapters"])
+    for key, value in final.items():  # 3 Adam steps of lr 5e-3: reduction order moves elements by ~1e-6
+        torch.testing.assert_close(value, ref["adapters"][key], atol=1e-4, rtol=0)
+    # validation: each rank held out 4 of the 8 pairs; the metrics are synchronised to the 8-pair values
+    for r in (r0, r1):
+        (step, values), ((ref_step, expected),) = r["preference_history"][-1], ref["preference_history"]
+        assert step == ref_step == 3 and values.keys() == expected.keys()
+        assert values == pytest.approx(expected, rel=LOSS_REL, abs=1e-6), (values, expected)
+        assert r["logged"]["val_loss"] == pytest.approx(expected["loss"], rel=LOSS_REL)
+        assert r["logged"]["val_rewards/margins"] == pytest.approx(expected["margins"], rel=LOSS_REL, abs=1e-6)
 
 
 def test_ddp_checkpoint_and_peft_export_are_written_once_by_rank0(runs):

@@ -104,17 +104,18 @@ class MemoryPlan:
         if not s["gradient_checkpointing"]:
             options.append(("turn gradient checkpointing on (LoRA(gradient_checkpointing=True))",
                             {"gradient_checkpointing": True}))  # fmt: skip
-        batch, fitting, low, high = s["batch_size"], None, 1, s["batch_size"] - 1
+        per = 2 if args.get("preference") else 1  # a preference batch is whole pairs: 2 sequences each
+        batch, fitting, low, high = s["batch_size"] // per, None, 1, s["batch_size"] // per - 1
         while low <= high:  # the peak grows with the batch: bisect for the largest one that fits
             mid = (low + high) // 2
-            if self.replan(batch_size=mid).peak <= budget_bytes:
+            if self.replan(batch_size=mid * per).peak <= budget_bytes:
                 fitting, low = mid, mid + 1
             else:
                 high = mid - 1
         if fitting:
-            steps = math.ceil(batch / fitting)
-            text = f"batch {batch} -> {fitting} with accumulate_grad_batches={steps}"
-            options.append((text, {"batch_size": fitting}))
+            steps, unit = math.ceil(batch / fitting), " pairs" if per == 2 else ""
+            text = f"batch {batch} -> {fitting}{unit} with accumulate_grad_batches={steps}"
+            options.append((text, {"batch_size": fitting * per}))
         if s["optimizer"] != "paged_adamw_8bit":
             text = "use the paged_adamw_8bit optimizer (PagedOptimizerStrategy)"
             options.append((text, {"optimizer": "paged_adamw_8bit"}))

@@ -167,6 +167,11 @@ def test_preference_recipe_plans_both_sequences_of_each_pair_and_the_reference(r
     reference = expected.settings["phases"].get("reference forward")
     assert (f"reference forward (adapters off, no weights added) {format_bytes(reference)}" if reference
             else "no reference") in out  # fmt: skip
+    # over budget: the advice shrinks the batch by whole pairs (3 pairs = 6 sequences fit, 7 sequences would too)
+    budget = plan_memory(**args, batch_size=7, preference=method).peak
+    assert plan_memory(**args, batch_size=6, preference=method).peak < budget < expected.peak
+    main(["memory", "--config", path, "--budget", str(budget)])
+    assert "batch 4 -> 3 pairs with accumulate_grad_batches=2: peak " in capsys.readouterr().out
 
 
 def test_nothing_is_instantiated_or_seeded(recipe_dict, write, capsys, monkeypatch):

@@ -35,7 +35,7 @@ def run_anchor(w: Workload, peak_tflops: float | None, isolated: bool) -> Row:
     device_map = {"": 0} if w.device == "cuda" else {"": "cpu"}
     model = LlamaForCausalLM.from_pretrained(w.model_dir, dtype=dtype, device_map=device_map, quantization_config=quant)
     loaded_gib = memory_now_gib(w.device)  # where the anchor script reads "weights"
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=w.checkpoint_mode != "none")
     model = get_peft_model(
         model,
         LoraConfig(

@@ -115,7 +115,7 @@ def run_ours(stack: str, args: argparse.Namespace, preset: dict[str, Any], rows:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if args.device == "cuda":
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler = torch.profiler.profile(activities=activities, record_shapes=args.profile_shapes)
                 self.profiler.__enter__()
             self.t0 = time.perf_counter()
 
@@ -128,7 +128,9 @@ def run_ours(stack: str, args: argparse.Namespace, preset: dict[str, Any], rows:
                 on_cuda = args.device == "cuda" and not args.profile_cpu
                 key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
                 print(f"profile of step {batch_idx} (ours {stack}, shape {tuple(batch['input_ids'].shape)}):")
-                print(self.profiler.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
+                averages = self.profiler.key_averages(group_by_input_shape=args.profile_shapes)
+                table = averages.table(sort_by=key, row_limit=args.profile, max_shapes_column_width=90)
+                print(table, flush=True)
                 self.profiler = None
             trained.append(int((batch["labels"][:, 1:] != -100).sum()))
             mask = batch.get("attention_mask")
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the stacks this many times, alternating")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", type=int, default=0, help="print this many top rows of one step's profile")
+    parser.add_argument("--profile-shapes", action="store_true", help="one profile row per op and input shapes")
     parser.add_argument("--profile-cpu", action="store_true", help="sort the profile by CPU time (also on CUDA)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--dry-run", action="store_true", help="the tiny preset on CPU, 3 steps (for CI)")

@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )  # fmt: skip
     parser.add_argument(
         "--checkpoint-mode",
-        choices=["full", "selective"],
+        choices=["full", "selective", "none"],
         default="full",
-        help="ours' activation checkpointing: full (as the anchor) or selective (keeps attention outputs)",
+        help="ours' activation checkpointing: full (as the anchor) or selective (keeps attention outputs); none: "
+        "no checkpointing in either stack",
     )
     parser.add_argument(
         "--keep-models",
@@ -233,10 +234,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"model: random-weight Llama ({args.preset}), layers {' and '.join(map(str, layer_counts))}, "
         + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in arch.items())
         + (f", init N(0, {args.init_std})" if args.init_std else ""),
-        f"workload: NF4 + double quant, bf16 compute/autocast; LoRA r={LORA['r']} alpha={LORA['alpha']} "
-        f"dropout={args.lora_dropout} on all linear layers but lm_head; gradient checkpointing "
-        f"(ours: {args.checkpoint_mode}); "
-        f"{'PagedAdamW32bit' if args.device == 'cuda' else 'AdamW32bit (paged needs CUDA)'} lr {LR:g}; "
+        f"workload: NF4 + double quant, {args.compute_dtype} compute; LoRA r={LORA['r']} alpha={LORA['alpha']} "
+        f"dropout={args.lora_dropout} on all linear layers but lm_head; "
+        + (
+            "no gradient checkpointing; "
+            if args.checkpoint_mode == "none"
+            else f"gradient checkpointing (ours: {args.checkpoint_mode}); "
+        )
+        + f"{'PagedAdamW32bit' if args.device == 'cuda' else 'AdamW32bit (paged needs CUDA)'} lr {LR:g}; "
         "labels = input_ids",
     ]
     print("\n".join(header), flush=True)

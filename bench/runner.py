@@ -122,7 +122,8 @@ def run_bench(
         threads: torch CPU threads in every run (default torch's; 1 is steadier on a busy machine).
         repeat: run each stack this many times, alternating, and keep the run with the median tok/s (peaks: max).
         lora_dropout: adapter dropout of both stacks.
-        checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``.
+        checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``; ``none``
+            turns checkpointing off in both stacks.
         compute_dtype: both stacks' compute dtype, ``bf16`` (the anchor script's) or ``fp32`` (fast on CPUs that
             only emulate bf16).
         compile_backend: ``ours-compiled``'s ``torch.compile`` backend (``inductor``; ``aot_eager`` captures the

@@ -41,6 +41,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "shapes": [(2, 128)],
         "steps": 6,
     },
+    "smollm2-135m": {  # the demo's model (SmolLM2-135M-Instruct): the shapes of the issue's CPU target
+        "arch": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+                 "rope_theta": 100000.0, "tie_word_embeddings": True},
+        "shapes": [(4, 256)],
+        "steps": 6,
+    },
     "7b": {  # Llama-2-7B
         "arch": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
                  "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096},
@@ -89,7 +96,8 @@ class Workload:
     lora_dropout: float = 0.05
     """Dropout on the adapter input, both stacks (the anchor's 0.05 unless ``--lora-dropout``)."""
     checkpoint_mode: str = "full"
-    """Ours: ``LoRA(checkpoint_mode=...)``, ``full`` (as the anchor) or ``selective`` (attention kept, not redone)."""
+    """Ours: ``LoRA(checkpoint_mode=...)``, ``full`` (as the anchor) or ``selective`` (attention kept, not redone);
+    ``none``: no gradient checkpointing in either stack."""
     compute_dtype: str = "bf16"
     """Both stacks: dequantization, autocast and unquantized weights; ``bf16`` as the anchor script, or ``fp32``."""
     compile_backend: str = "inductor"
@@ -114,10 +122,10 @@ def make_batches(w: Workload) -> list[dict[str, torch.Tensor]]:
 
 
 def llama_config(arch: dict[str, Any]) -> Any:
-    """A ``LlamaConfig`` with ``arch`` and an untied output head (as Llama-2)."""
+    """A ``LlamaConfig`` with ``arch``; the output head untied (as Llama-2) unless ``arch`` ties it (as SmolLM2)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**arch, tie_word_embeddings=False)
+    return LlamaConfig(**{"tie_word_embeddings": False, **arch})
 
 
 def build_model_dir(arch: dict[str, Any], path: Path, device: str, seed: int = 0, init_std: float | None = None) -> int:

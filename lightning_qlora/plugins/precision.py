@@ -68,7 +68,8 @@ class NF4Precision(Precision):
         device: str | None = None,
     ) -> None:
         dtype = to_dtype(compute_dtype)
-        if dtype == torch.float32 and str(compute_dtype).lower() != "auto":
+        # fp32 is slow only where bf16/fp16 is native: on a CPU that emulates bf16 it is what ``auto`` picks
+        if dtype == torch.float32 and str(compute_dtype).lower() != "auto" and to_dtype("auto") != torch.float32:
             warnings.warn(
                 "NF4Precision(compute_dtype=fp32) dequantizes to fp32 for every matmul: correct but slow; "
                 "use bf16 (or fp16 on GPUs without bf16)",

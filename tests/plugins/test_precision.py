@@ -276,3 +276,17 @@ def test_bitsandbytes_hub_kernel_note_is_not_shown_when_the_plugin_imports_it(ho
             pytest.skip("bitsandbytes loaded its CPU hub kernel here (kernels installed, hub reachable)")
     else:
         assert not shown, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("auto", [torch.bfloat16, torch.float32], ids=["bf16-native", "bf16-emulated"])
+def test_an_explicit_fp32_compute_dtype_warns_only_where_a_16_bit_dtype_is_native(monkeypatch, auto):
+    """fp32 is slow where bf16/fp16 is native; on a CPU that only emulates bf16 it is the fast choice (auto's)."""
+    import lightning_qlora.plugins.precision as precision
+
+    real = precision.to_dtype
+    monkeypatch.setattr(precision, "to_dtype", lambda value: auto if str(value).lower() == "auto" else real(value))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        NF4Precision(compute_dtype="fp32")
+    slow = [str(w.message) for w in caught if "correct but slow" in str(w.message)]
+    assert len(slow) == (1 if auto == torch.bfloat16 else 0), slow

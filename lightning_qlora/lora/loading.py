@@ -88,7 +88,9 @@ def load_adapter(
 ) -> LoRAConfig:
     """Load a PEFT adapter folder or a LoRA checkpoint's adapter into ``model`` (injecting its adapters).
 
-    ``root``'s own parameters are frozen first (as the LoRA callback freezes the base); the adapters are not.
+    ``root``'s own parameters are frozen first (as the LoRA callback freezes the base); the adapter's tensors are not:
+    its LoRA matrices and the modules it trained besides (a PEFT folder's ``modules_to_save``, a checkpoint's
+    ``trainable_modules``), so :func:`~lightning_qlora.lora.peft_format.export_peft` writes them all back.
 
     Args:
         model: what the adapters are injected into: for a checkpoint, the module it was written from (its tensor
@@ -180,6 +182,7 @@ def load_checkpoint_adapter(
                     f"(another base, or other LoRA settings); {remedy}"
                 )
             target.copy_(value.to(target.dtype))
+            target.requires_grad_(True)  # trained: a head of trainable_modules is exported as modules_to_save
     return config
 
 

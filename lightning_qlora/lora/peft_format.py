@@ -5,6 +5,10 @@ with ``<module>`` relative to the Hugging Face model root (``model.layers.0.self
 ``peft.PeftModel.from_pretrained(base, directory)`` loads what :func:`export_peft` writes and :func:`import_peft`
 reads what ``PeftModel.save_pretrained`` writes.
 
+Modules trained beside the adapters (``LoRA(trainable_modules=["lm_head"])``: a head, embeddings, norms) are written
+and read as peft's ``modules_to_save`` (:mod:`lightning_qlora.lora.peft_modules`): whole tensors under
+``base_model.model.<module>.<tensor>``.
+
 Directories are written atomically (:func:`atomic_directory`): a crash leaves either the old adapter or the new one
 at ``directory``, never a mix or a half-written file.
 """
@@ -22,7 +26,15 @@ import torch
 from torch import nn
 
 from lightning_qlora.lora.experts import load_peft_experts, peft_expert_tensors, unwrap_peft_key
-from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, lora_modules, lora_scaling
+from lightning_qlora.lora.layer import (
+    LoRAConfig,
+    LoRALinear,
+    inject_lora,
+    is_lora_parameter,
+    lora_modules,
+    lora_scaling,
+)
+from lightning_qlora.lora.peft_modules import TIE_KEY, load_saved_modules, plan_saved_modules, saved_modules
 from lightning_qlora.quantization.experts import is_experts_module
 from lightning_qlora.quantization.nf4 import is_4bit_linear
 from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, linear_shape
@@ -38,7 +50,7 @@ _ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME})
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")  # optional ".<adapter name>"
 _UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "aLoRA"} | {
     key: key  # config fields whose non-default value changes what the weights mean
-    for key in ("lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
+    for key in ("lora_bias", "layer_replication", "trainable_token_indices")
 }
 
 
@@ -90,8 +102,11 @@ def export_peft(
     Module names are relative to ``model`` (pass the Hugging Face model root). ``target_modules`` lists the distinct
     last name components of the adapted layers when PEFT's suffix matching picks exactly those layers, else their
     full names (e.g. when ``exclude_modules`` left some ``q_proj`` out). Layers whose rank or alpha differs from the
-    most common one go into ``rank_pattern``/``alpha_pattern``. Tensors keep their dtype. The directory is replaced
-    atomically (see :func:`atomic_directory`); other files already in it (a tokenizer, a README) are kept.
+    most common one go into ``rank_pattern``/``alpha_pattern``. Modules trained outside the adapters (parameters that
+    require grad in a model whose base is frozen, as the LoRA callback's ``trainable_modules`` leave them) are written
+    whole as peft's ``modules_to_save`` (an input embedding tied to the head with ``ensure_weight_tying``), so peft
+    and :func:`import_peft` load them too. Tensors keep their dtype. The directory is replaced atomically (see
+    :func:`atomic_directory`); other files already in it (a tokenizer, a README) are kept.
 
     Args:
         model: the model holding :class:`LoRALinear` layers.
@@ -104,14 +119,17 @@ def export_peft(
         The adapter directory.
 
     Raises:
-        ValueError: if the model has no adapters, or a layer's scaling disagrees with ``config.use_rslora``.
+        ValueError: if the model has no adapters, a layer's scaling disagrees with ``config.use_rslora``, or a trained
+            module cannot be written as ``modules_to_save`` (one line naming it and what to do; nothing is written).
         NonFiniteError: if an adapter tensor holds NaN/inf (nothing is written).
     """
     layers = dict(lora_modules(model))
     expert_tensors, target_parameters = peft_expert_tensors(model)
     if not layers and not expert_tensors:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to export; call inject_lora(model, config) first")
+    saved = saved_modules(model)
     tensors: dict[str, torch.Tensor] = {PEFT_PREFIX + k: v for k, v in expert_tensors.items()}
+    tensors.update({PEFT_PREFIX + k: v for k, v in saved.tensors.items()})
     shapes: dict[str, tuple[int, float]] = {}
     for name, layer in layers.items():
         expected = lora_scaling(layer.r, layer.alpha, config.use_rslora)
@@ -150,7 +168,7 @@ def export_peft(
         "bias": "none",
         "use_rslora": bool(config.use_rslora),
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": saved.modules_to_save or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -159,6 +177,8 @@ def export_peft(
     }
     if target_parameters:
         adapter_config["target_parameters"] = target_parameters
+    if saved.tied:
+        adapter_config[TIE_KEY] = True
     from safetensors.torch import save_file
 
     with atomic_directory(directory, owned=lambda n: n in _ADAPTER_FILES) as tmp:
@@ -222,22 +242,24 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _group_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _group_weights(
+    path: Path, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``({layer: {"A": a, "B": b}}, {other key: tensor})``, keys without the ``base_model.model.`` prefix."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key.removeprefix(PEFT_PREFIX))
         if match is None:
-            raise ValueError(
-                f"{path} holds {key!r}, which is not a LoRA A/B matrix (DoRA, embedding adapters and modules_to_save "
-                "are not supported); load it with peft"
-            )
+            others[key.removeprefix(PEFT_PREFIX)] = tensor
+            continue
         groups.setdefault(match["module"], {})[match["which"]] = tensor
     if not groups:
         raise ValueError(f"{path} holds no LoRA tensors; re-export the adapter")
     for name, pair in groups.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{path} has lora_A or lora_B but not both for {name}; re-export the adapter")
-    return groups
+    return groups, others
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
@@ -245,7 +267,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
 
     The layers adapted are exactly those the weight file names (PEFT saves one A/B pair per adapted layer); ranks
     come from the tensors, alphas from ``lora_alpha``/``alpha_pattern``. Adapter weights are copied into fp32 master
-    weights (or the dtype of adapters already injected). Everything is validated before ``model`` is changed.
+    weights (or the dtype of adapters already injected); ``modules_to_save`` tensors (a trained head, embeddings) are
+    copied into the modules they name, in the model's dtype. Everything is validated before ``model`` is changed.
+    Afterwards the adapter's tensors (LoRA matrices, ``modules_to_save``) require grad and the rest of the model does
+    not, as after the LoRA callback's freezing: :func:`export_peft` writes the same adapter back.
 
     Args:
         model: the Hugging Face model root the adapter was trained on (plain or 4-bit linear layers).
@@ -256,12 +281,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
 
     Raises:
         ValueError: for a missing folder or file, a non-LoRA adapter, unreadable or truncated weights, keys naming no
-            linear layer of ``model``, or shapes that do not fit it (an adapter for a different base model).
+            linear layer of ``model`` (nor a tensor of its ``modules_to_save``), shapes that do not fit it (an adapter
+            for a different base model), or ``modules_to_save`` this model cannot hold as peft does (a tie peft
+            would undo, a 4-bit module).
     """
     directory = Path(directory).expanduser()
     cfg = _read_config(directory)
     path, tensors = _read_weights(directory)
-    groups = _group_weights(path, tensors)
+    groups, others = _group_weights(path, tensors)
     use_rslora = bool(cfg.get("use_rslora", False))
     alpha_default = cfg.get("lora_alpha", 8)
     targets = cfg.get("target_modules")
@@ -314,6 +341,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
         else:
             plan.setdefault((rank, alpha), []).append(name)
         loads.append((name, a, b))
+    adapted = {unwrap_peft_key(k)[0] for k in experts} | set(groups)
+    saved = plan_saved_modules(model, others, cfg, adapted, path)
 
     before = {id(m) for m in model.modules()}
     for (rank, alpha), names in plan.items():
@@ -328,6 +357,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
             layer.lora_B.copy_(b.to(layer.lora_B.dtype))
     if experts:
         load_peft_experts(model, experts, list(cfg.get("target_parameters") or []), result, str(path))
+    for name, param in model.named_parameters():
+        if not is_lora_parameter(name):
+            param.requires_grad_(False)
+    load_saved_modules(saved)  # the trained modules require grad again
     _follow_parent_mode(model, before)
     return result
 

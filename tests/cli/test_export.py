@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 
 from lightning_qlora.cli.main import main
 from lightning_qlora.lora.fingerprint import fingerprint_parts
-from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
+from lightning_qlora.lora.layer import (
+    LoRAConfig,
+    inject_lora,
+    is_lora_parameter,
+    lora_modules,
+    mark_only_lora_trainable,
+)
 from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.gguf_export import GGUF_FILE_NAME
 from lightning_qlora.models.sources import load_causal_lm
@@ -53,6 +59,44 @@ def adapters(tiny_llama_dir, tmp_path_factory):
     }
     torch.save(checkpoint, root / "last.ckpt")
     return root / "peft", root / "last.ckpt", pairs
+
+
+HEAD = "base_model.model.lm_head.weight"
+
+
+@pytest.fixture(scope="module")
+def head_adapters(tiny_llama_dir, tmp_path_factory):
+    """``(PEFT folder, LoRA checkpoint, the fp32 model they hold)``: random adapters plus a trained ``lm_head``, as
+    ``LoRA(trainable_modules=["lm_head"])`` leaves them."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("head_adapters")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    inject_lora(model, LORA)
+    mark_only_lora_trainable(model, ["lm_head"])
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.05)
+    export_peft(model, root / "peft", LORA, base_model_name_or_path=str(tiny_llama_dir))
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items() if is_lora_parameter(k)}
+    state["model.lm_head.weight"] = model.lm_head.weight.detach().clone()
+    trained = load_causal_lm(tiny_llama_dir, NF4, dtype=torch.float32)  # the base as the training run saw it
+    inject_lora(trained, LORA)
+    mark_only_lora_trainable(trained, ["lm_head"])
+    checkpoint = {
+        "state_dict": state,
+        "lightning_qlora": {
+            "lora": LORA.to_dict(),
+            "trainable_keys": sorted(state),
+            "base": fingerprint_parts(trained, NF4.describe()),
+        },
+        "hyper_parameters": {"model": str(tiny_llama_dir), "dtype": "fp32"},
+        "NF4Precision": {"quantization": NF4.describe()},
+    }
+    torch.save(checkpoint, root / "last.ckpt")
+    return root / "peft", root / "last.ckpt", model
 
 
 def run(args, capsys):
@@ -115,6 +159,81 @@ def test_peft_from_a_checkpoint_keeps_the_adapter(adapters, tmp_path, capsys):
         assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], b)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (LORA.r, LORA.alpha)
+
+
+def test_peft_from_a_checkpoint_keeps_the_trained_head(tiny_llama_dir, head_adapters, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt, model = head_adapters
+    code, _, err = run(["--format", "peft", "--adapter", ckpt, "--out", tmp_path / "peft"], capsys)
+    assert code == 0, err
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert torch.equal(tensors[HEAD], model.lm_head.weight)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_safetensors_from_a_peft_folder_keeps_the_trained_head(tiny_llama_dir, head_adapters, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_dir, _, model = head_adapters
+    args = ["--format", "safetensors", "--adapter", peft_dir, "--model", tiny_llama_dir, "--base-weights", "original"]
+    code, _, err = run([*args, "--dtype", "fp32", "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert torch.equal(ours.lm_head.weight, model.lm_head.weight)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    anchor = PeftModel.from_pretrained(base, peft_dir).merge_and_unload().eval()  # peft keeps modules_to_save
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, anchor(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_gguf_from_a_checkpoint_keeps_the_trained_head(head_adapters, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt, model = head_adapters
+    code, _, err = run(["--format", "gguf", "--adapter", ckpt, "--out", tmp_path / "gguf"], capsys)
+    assert code == 0, err
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=GGUF_FILE_NAME, dtype=torch.float32)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.half().float())  # f16, as written
+
+
+def test_a_fit_with_a_trainable_head_exports_it_both_ways(tiny_llama_dir, tmp_path, capsys):
+    """``LoRA(trainable_modules=["lm_head"], export_dir=...)``: the end-of-fit adapter and ``export --format peft``
+    of the run's checkpoint both hold the trained head (and the same adapter)."""
+    import lightning.pytorch as pl
+
+    from lightning_qlora import CausalLM, InstructionDataModule, LoRA, NF4Precision
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} {i} {i}."}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    lora = LoRA(r=4, alpha=8, dropout=0.0, trainable_modules=["lm_head"], export_dir=str(tmp_path / "adapter"))
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         plugins=[NF4Precision(compute_dtype="fp32")], callbacks=[lora])  # fmt: skip
+    module = CausalLM(model=str(tiny_llama_dir), dtype="fp32", lr=1e-2)
+    trainer.fit(module, InstructionDataModule(str(rows), max_length=64, batch_size=2, val_split=2))
+    head = module.model.lm_head.weight.detach()
+    assert not torch.equal(head, load_file(tiny_llama_dir / "model.safetensors")["lm_head.weight"])  # it trained
+    at_fit_end = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(at_fit_end[HEAD], head)
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    code, _, err = run(["--format", "peft", "--adapter", ckpt, "--out", tmp_path / "exported"], capsys)
+    assert code == 0, err
+    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    assert exported.keys() == at_fit_end.keys() and all(torch.equal(exported[k], at_fit_end[k]) for k in exported)
+    for folder in ("adapter", "exported"):
+        config = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert config["modules_to_save"] == ["lm_head"], folder
 
 
 def test_gguf_from_the_training_recipe(tiny_llama_dir, adapters, tmp_path, capsys):

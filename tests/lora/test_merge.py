@@ -20,8 +20,6 @@ from lightning_qlora.quantization.shells import quantize_model
 QCONFIG = QuantizationConfig(compute_dtype=torch.float32)
 
 
-
-
 def lora_model(base, quantize=False, config=None, seed=1):
     model = copy.deepcopy(base)
     inject_lora(model, config or LoRAConfig(r=8, alpha=16, dropout=0.1))
@@ -201,3 +199,35 @@ def test_errors(base, tmp_path):
     with pytest.raises(ValueError, match="k_proj is a 4-bit layer"):
         save_merged_safetensors(model, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["head+norm", "tied-embedding"])
+def test_merged_checkpoint_keeps_the_modules_trained_besides_the_adapters(ids, tmp_path, tie):
+    """An adapter with ``modules_to_save`` (a trained head and norm, or a trained embedding tied to the head), loaded
+    by import_peft and merged: the saved checkpoint holds the trained tensors and computes what the adapter did."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_qlora.lora.layer import is_lora_parameter, mark_only_lora_trainable
+    from lightning_qlora.lora.peft_format import export_peft, import_peft
+
+    base = build_tiny_llama(tie_word_embeddings=tie).eval()
+    trained = lora_model(base, config=LoRAConfig(r=4, alpha=8, dropout=0.0))
+    mark_only_lora_trainable(trained, ["embed_tokens"] if tie else ["lm_head", "norm"])
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if param.requires_grad and not is_lora_parameter(name):
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    export_peft(trained, tmp_path / "adapter", LoRAConfig(r=4, alpha=8, dropout=0.0))
+    model = copy.deepcopy(base)
+    import_peft(model, tmp_path / "adapter")
+    before = logits(trained, ids)
+    merge_lora(model, dtype=torch.float32)
+    out = save_merged_safetensors(model, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tie
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(reloaded.lm_head.weight, trained.lm_head.weight)
+    assert torch.equal(reloaded.model.norm.weight, trained.model.norm.weight)
+    assert torch.equal(reloaded.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+    assert not torch.equal(reloaded.lm_head.weight, base.lm_head.weight)
+    torch.testing.assert_close(logits(reloaded, ids), before, atol=2e-5, rtol=0)

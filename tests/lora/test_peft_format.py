@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import torch
 from conftest import build_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, lora_modules
+from lightning_qlora.lora.layer import (
+    LoRAConfig,
+    LoRALinear,
+    inject_lora,
+    is_lora_parameter,
+    lora_modules,
+    mark_only_lora_trainable,
+)
 from lightning_qlora.lora.peft_format import export_peft, import_peft
 from lightning_qlora.quantization.nf4 import QuantizationConfig, guard_cpu_repack
 from lightning_qlora.quantization.shells import quantize_model
@@ -23,8 +31,7 @@ peft = pytest.importorskip("peft")
 
 QCONFIG = QuantizationConfig(compute_dtype=torch.float32)
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-
-
+SAFETENSORS = "adapter_model.safetensors"
 
 
 def randomize_b(model, seed=1, std=0.05):
@@ -291,3 +298,228 @@ def test_import_errors_for_a_different_base(base, exported):
     inject_lora(adapted, LoRAConfig(r=4, alpha=16, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has a LoRA adapter with r=4"):
         import_peft(adapted, exported)
+
+
+# ------------------------------------------------------------------------- modules trained besides the adapters
+def with_trained(base, trainable, quantize=False, seed=4):
+    """LoRA on all linear layers plus ``trainable`` modules kept trainable (as ``LoRA(trainable_modules=...)``
+    freezes the model), with random B and the trainable modules' weights perturbed: a stand-in for a trained run."""
+    model = lora_model(base, quantize=quantize)
+    mark_only_lora_trainable(model, trainable)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and not is_lora_parameter(name):
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model
+
+
+def without_trained_modules(model, base):
+    """``model`` with the modules it trained besides the adapters put back to the base's (what exporting loses)."""
+    lost = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in lost.named_parameters():
+            if param.requires_grad and not is_lora_parameter(name):
+                param.copy_(base.get_parameter(name))
+    return lost
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "nf4"])
+def test_trained_head_and_norm_are_exported_as_modules_to_save(base, ids, tmp_path, quantize):
+    model = with_trained(base, ["lm_head", "norm"], quantize=quantize)  # "norm": model.norm, not the layer norms
+    export_peft(model, tmp_path, LoRAConfig(r=8, alpha=16, dropout=0.0))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["lm_head", "model.norm"]  # peft matches by endswith: "norm" would take 5
+    assert "ensure_weight_tying" not in cfg
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(k for k in tensors if "lora_" not in k) == ["base_model.model.lm_head.weight",
+                                                             "base_model.model.model.norm.weight"]  # fmt: skip
+    assert torch.equal(tensors["base_model.model.lm_head.weight"], model.lm_head.weight)
+    fresh = copy.deepcopy(base)
+    if quantize:
+        quantize_model(fresh, QCONFIG)
+    expected = logits(model, ids)
+    assert (logits(without_trained_modules(model, base), ids) - expected).abs().max() > 1e-2  # the head matters
+    theirs = load_with_peft(fresh, tmp_path)
+    torch.testing.assert_close(logits(theirs, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "nf4"])
+def test_trained_head_round_trips_through_import(base, ids, tmp_path, quantize):
+    model = with_trained(base, ["lm_head"], quantize=quantize)
+    export_peft(model, tmp_path / "a", LoRAConfig(r=8, alpha=16, dropout=0.0))
+    fresh = copy.deepcopy(base)
+    if quantize:
+        quantize_model(fresh, QCONFIG)
+    import_peft(fresh, tmp_path / "a")
+    torch.testing.assert_close(logits(fresh.eval(), ids), logits(model, ids), atol=0, rtol=0)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad and not is_lora_parameter(n)} == {
+        "lm_head.weight"
+    }  # the adapter's tensors trainable, the rest frozen: as the LoRA callback leaves a model
+    export_peft(fresh, tmp_path / "b", LoRAConfig(r=8, alpha=16, dropout=0.0))  # written back whole
+    first, second = load_file(tmp_path / "a" / SAFETENSORS), load_file(tmp_path / "b" / SAFETENSORS)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+
+
+def test_trained_tied_embedding_is_exported_with_ensure_weight_tying(ids, tmp_path):
+    """A trained embedding tied to the head: peft ties its head to the trained copy when the config says so."""
+    tied = build_tiny_llama(tie_word_embeddings=True).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    model = with_trained(tied, ["embed_tokens"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    export_peft(model, tmp_path, LoRAConfig(r=8, alpha=16, dropout=0.0))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["modules_to_save"], cfg["ensure_weight_tying"]) == (["embed_tokens"], True)
+    tensors = load_file(tmp_path / SAFETENSORS)  # peft reads the head's copy under its own name too
+    head, embedding = tensors["base_model.model.lm_head.weight"], tensors["base_model.model.model.embed_tokens.weight"]
+    assert torch.equal(head, model.lm_head.weight) and torch.equal(embedding, head)
+    expected = logits(model, ids)
+    theirs = load_with_peft(copy.deepcopy(tied), tmp_path)
+    torch.testing.assert_close(logits(theirs, ids), expected, atol=1e-5, rtol=0)
+    fresh = copy.deepcopy(tied)
+    import_peft(fresh, tmp_path)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # still tied
+    torch.testing.assert_close(logits(fresh.eval(), ids), expected, atol=0, rtol=0)
+
+
+def peft_saved(base, tmp_path, modules_to_save, ensure_weight_tying=False):
+    """An adapter peft itself saved, its LoRA B and ``modules_to_save`` copies perturbed; returns peft's model."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                          modules_to_save=modules_to_save, ensure_weight_tying=ensure_weight_tying)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about a tied layer in modules_to_save without weight tying
+        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    theirs.save_pretrained(tmp_path)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize(
+    "tie, modules_to_save",
+    [(False, ["lm_head", "model.norm"]), (False, ["embed_tokens"]), (True, ["embed_tokens"]), (True, ["lm_head"])],
+    ids=["head+norm", "embedding", "tied-embedding", "tied-head"],
+)
+def test_import_modules_to_save_saved_by_peft(ids, tmp_path, tie, modules_to_save):
+    base = build_tiny_llama(tie_word_embeddings=tie).eval()
+    theirs = peft_saved(base, tmp_path, modules_to_save, ensure_weight_tying=tie)
+    ours = copy.deepcopy(base)
+    import_peft(ours, tmp_path)
+    expected = logits(theirs, ids)
+    assert (logits(base, ids) - expected).abs().max() > 1e-2
+    torch.testing.assert_close(logits(ours.eval(), ids), expected, atol=1e-5, rtol=0)
+    export_peft(ours, tmp_path / "again", LoRAConfig(r=4, alpha=8, dropout=0.0))  # and peft reads ours back
+    again = load_with_peft(copy.deepcopy(base), tmp_path / "again")
+    torch.testing.assert_close(logits(again, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_import_refuses_a_tie_peft_undoes(ids, tmp_path):
+    """Without ensure_weight_tying peft trains a copy of a tied embedding and keeps the head: import_peft cannot."""
+    tied = build_tiny_llama(tie_word_embeddings=True).eval()
+    peft_saved(tied, tmp_path, ["embed_tokens"])
+    fresh = copy.deepcopy(tied)
+    with pytest.raises(ValueError, match="trains model.embed_tokens.weight, which this model ties to lm_head.weight; "
+                                         "without ensure_weight_tying peft unties them") as info:  # fmt: skip
+        import_peft(fresh, tmp_path)
+    assert "\n" not in str(info.value) and not list(lora_modules(fresh))
+
+
+@pytest.fixture()
+def exported_head(base, tmp_path) -> Path:
+    export_peft(with_trained(base, ["lm_head"]), tmp_path / "adapter", LoRAConfig(r=8, alpha=16, dropout=0.0))
+    return tmp_path / "adapter"
+
+
+def _edit_tensors(directory: Path, change) -> None:
+    path = directory / SAFETENSORS
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+HEAD = "base_model.model.lm_head.weight"
+HEAD_ERROR_CASES = {
+    "missing": (lambda d: _edit_tensors(d, lambda t: t.pop(HEAD)), "lacks base_model.model.lm_head.weight of its "
+                                                                    "modules_to_save ['lm_head']; re-export it"),
+    "not_listed": (lambda d: _edit_config(d, modules_to_save=None), "holds 'base_model.model.lm_head.weight', which is "
+                                                                     "not a LoRA A/B matrix and its config lists no"),
+    "extra": (lambda d: _edit_tensors(d, lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)})),
+              "holds base_model.model.model.norm.weight, which is neither a LoRA matrix nor a tensor of a module"),
+    "shape": (lambda d: _edit_tensors(d, lambda t: t.update({HEAD: torch.ones(500, 64)})),
+              "lm_head.weight is (500, 64) there and (512, 64) here; this is an adapter for a different base"),
+    "lora_layer": (lambda d: _edit_config(d, modules_to_save=["q_proj"]), "modules_to_save model.layers.0.self_attn"
+                                                                          ".q_proj holds the LoRA layer"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HEAD_ERROR_CASES))
+def test_import_modules_to_save_errors(base, exported_head, case):
+    damage, message = HEAD_ERROR_CASES[case]
+    damage(exported_head)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        import_peft(fresh, exported_head)
+    assert "\n" not in str(info.value)
+    assert not list(lora_modules(fresh)) and torch.equal(fresh.lm_head.weight, base.lm_head.weight)  # nothing copied
+
+
+def _inside_lora(base):
+    model = lora_model(base)
+    mark_only_lora_trainable(model, ["model.layers.0.self_attn.q_proj"])  # its full-precision base weight trains
+    return model
+
+
+def _head_with_frozen_bias(base):
+    model = with_trained(base, ["lm_head"])
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(512), requires_grad=False)
+    return model
+
+
+def _shared_but_untied(base):
+    model = lora_model(base)  # tie_word_embeddings=False, yet the head shares the embedding: peft cannot keep that
+    model.lm_head.weight = model.model.embed_tokens.weight
+    mark_only_lora_trainable(model, ["embed_tokens"])
+    return model
+
+
+EXPORT_ERROR_CASES = {
+    "inside_lora": (_inside_lora, "model.layers.0.self_attn.q_proj.base_layer.weight is trained but belongs to the "
+                                  "LoRA layer model.layers.0.self_attn.q_proj, which PEFT's modules_to_save cannot"),
+    "frozen_beside": (_head_with_frozen_bias, "lm_head has trained and frozen parameters (lm_head.weight trains, "
+                                              "lm_head.bias does not); PEFT's modules_to_save keeps whole modules"),
+    "shared": (_shared_but_untied, "lm_head is trained and shares its weights with model.embed_tokens, which PEFT "
+                                   "can keep only for an input embedding tied to weight-only heads"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EXPORT_ERROR_CASES))
+def test_export_refuses_trained_modules_peft_cannot_hold(base, tmp_path, case):
+    make, message = EXPORT_ERROR_CASES[case]
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        export_peft(make(base), tmp_path / "adapter", LoRAConfig(r=8, alpha=16, dropout=0.0))
+    assert "\n" not in str(info.value) and not (tmp_path / "adapter").exists()
+
+
+def test_a_trained_module_with_children_is_saved_whole(base, ids, tmp_path):
+    """A whole MLP trained (LoRA on attention only): one modules_to_save entry peft's suffix match gives it alone."""
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = lora_model(base, config)
+    mark_only_lora_trainable(model, ["model.layers.1.mlp"])
+    with torch.no_grad():
+        for param in model.model.layers[1].mlp.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    export_peft(model, tmp_path, config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["1.mlp"]
+    tensors = load_file(tmp_path / SAFETENSORS)
+    assert sorted(k for k in tensors if "lora_" not in k) == [
+        f"base_model.model.model.layers.1.mlp.{p}_proj.weight" for p in ("down", "gate", "up")
+    ]
+    expected = logits(model, ids)
+    torch.testing.assert_close(logits(load_with_peft(copy.deepcopy(base), tmp_path), ids), expected, atol=1e-5, rtol=0)
+    fresh = copy.deepcopy(base)
+    import_peft(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh.eval(), ids), expected, atol=0, rtol=0)

@@ -280,16 +280,23 @@ def is_lora_parameter(name: str) -> bool:
 
 
 def mark_only_lora_trainable(model: nn.Module, trainable_modules: Sequence[str] = ()) -> int:
-    """Freeze every parameter except adapters (and those under ``trainable_modules``); returns the trainable count."""
-    count = 0
-    for name, param in model.named_parameters():
+    """Freeze every parameter except adapters (and those under ``trainable_modules``); returns the trainable count.
+
+    A tied parameter (an output head sharing the input embedding) trains when any of its names is kept:
+    ``trainable_modules=["lm_head"]`` on a tied model trains the shared matrix.
+    """
+    params: dict[int, torch.Tensor] = {}
+    keep: dict[int, bool] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
         module_name = name.rpartition(".")[0]
-        keep = is_lora_parameter(name) or any(
-            is_skipped(prefix, trainable_modules) for prefix in _prefixes(module_name)
-        )
-        keep = keep and not _is_packed(param)  # 4-bit codes cannot train; a named layer's bias still can
-        param.requires_grad_(keep)
-        count += param.numel() if keep else 0
+        wanted = is_lora_parameter(name) or any(is_skipped(p, trainable_modules) for p in _prefixes(module_name))
+        params[id(param)] = param
+        keep[id(param)] = keep.get(id(param), False) or wanted
+    count = 0
+    for key, param in params.items():
+        kept = keep[key] and not _is_packed(param)  # 4-bit codes cannot train; a named layer's bias still can
+        param.requires_grad_(kept)
+        count += param.numel() if kept else 0
     return count
 
 

@@ -194,6 +194,18 @@ def test_only_adapters_train_unless_modules_are_kept_trainable():
     assert count == 8192 + 512 * 64 + 64
 
 
+@pytest.mark.parametrize("kept", ["lm_head", "embed_tokens"])
+def test_a_tied_head_kept_trainable_trains_the_shared_matrix_once(kept):
+    """named_parameters() lists a tied matrix under its first name only (embed_tokens): lm_head must still train it."""
+    model = build_tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inject_lora(model, LoRAConfig(r=4))
+    count = mark_only_lora_trainable(model, trainable_modules=[kept])
+    assert model.lm_head.weight.requires_grad and count == 8192 + 512 * 64  # counted once
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    assert model.lm_head.weight.grad is not None and float(model.lm_head.weight.grad.abs().sum()) > 0
+
+
 def test_callback_apply_freezes_and_keeps_trainable_modules():
     model = build_tiny_llama()
     callback = LoRA(r=4, trainable_modules=["lm_head"])

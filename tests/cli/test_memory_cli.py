@@ -142,8 +142,7 @@ def _same_plan(a: dict, b: MemoryPlan) -> bool:
     return all(a[k] == getattr(b, k) for k in keys) and a["settings"]["phases"] == b.settings["phases"]
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "orpo"])
-@pytest.mark.parametrize("chunk", [4096, None])
+@pytest.mark.parametrize(("method", "chunk"), [("dpo", 4096), ("ipo", None), ("orpo", 4096)])
 def test_preference_recipe_plans_both_sequences_of_each_pair_and_the_reference(recipe_dict, write, capsys, method,
                                                                                chunk):  # fmt: skip
     """A PreferenceLM recipe = ``plan_memory(preference=method)`` of 2 sequences per pair, as the planner is called."""

@@ -155,7 +155,7 @@ def test_nan_from_the_reference_pass_stops_the_run_naming_the_pair(tiny_llama_di
 
         def reference_logps(self, batch):
             reference = super().reference_logps(batch)
-            if self.trainer.training and self.global_step == 2:  # pair 0 of step 2: its chosen and rejected rows
+            if self.trainer.training and self.global_step == 1:  # pair 0 of step 1: its chosen and rejected rows
                 self.poisoned = self.trainer.datamodule.describe_rows(batch["row_index"][:1].tolist())[0]
                 pairs = reference.size(0) // 2
                 reference = reference.clone()
@@ -166,10 +166,10 @@ def test_nan_from_the_reference_pass_stops_the_run_naming_the_pair(tiny_llama_di
     data = PreferenceDataModule(str(write_pairs(tmp_path / "pairs.jsonl", 12)), max_length=64, batch_size=2,
                                 val_split=2)  # fmt: skip
     export = tmp_path / "adapter"
-    trainer = quiet_trainer(tmp_path, [LoRA(r=8, dropout=0.0, export_dir=str(export)), NonFiniteGuard()], 5)
+    trainer = quiet_trainer(tmp_path, [LoRA(r=8, dropout=0.0, export_dir=str(export)), NonFiniteGuard()], 3)
     with pytest.raises(NonFiniteError) as err:
         trainer.fit(module, data)
     message = str(err.value)
-    assert "\n" not in message and message.startswith("non-finite loss (nan) at step 2 (epoch 0, batch 2; rows ")
+    assert "\n" not in message and message.startswith("non-finite loss (nan) at step 1 (epoch 0, batch 1; rows ")
     assert module.poisoned.startswith(f"{tmp_path / 'pairs.jsonl'} line ") and f"rows {module.poisoned}, " in message
     assert not export.exists()  # nothing exported from the stopped run

@@ -173,3 +173,34 @@ def test_nan_from_the_reference_pass_stops_the_run_naming_the_pair(tiny_llama_di
     assert "\n" not in message and message.startswith("non-finite loss (nan) at step 1 (epoch 0, batch 1; rows ")
     assert module.poisoned.startswith(f"{tmp_path / 'pairs.jsonl'} line ") and f"rows {module.poisoned}, " in message
     assert not export.exists()  # nothing exported from the stopped run
+
+
+
+def test_lm_eval_callback_scores_the_policy_during_a_dpo_fit(tiny_llama_dir, tmp_path, monkeypatch):
+    """LMEvalCallback on a PreferenceLM: step 0 scores the 4-bit base (B = 0), step 2 the policy as trained."""
+    import lm_eval.evaluator
+
+    from lightning_qlora.evaluation import DEMO_TASK, LMEvalCallback
+    from lightning_qlora.evaluation.run import evaluate
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # `pip list`: not checked here
+    settings = dict(num_fewshot=0, limit=4, batch_size=4)
+    callback = LMEvalCallback(tasks=[DEMO_TASK], every_n_train_steps=2, on_fit_start=True, **settings)
+    module = PreferenceLM(model=str(tiny_llama_dir), method="dpo", beta=0.5, dtype="fp32", lr=5e-2)
+    data = PreferenceDataModule(str(write_pairs(tmp_path / "pairs.jsonl", 12)), max_length=64, batch_size=2,
+                                val_split=2)  # fmt: skip
+    trainer = L.Trainer(
+        plugins=[NF4Precision(compute_dtype="fp32")], callbacks=[LoRA(r=8, alpha=16, dropout=0.0), callback],
+        strategy=PagedOptimizerStrategy(), max_steps=2, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    assert [step for step, _ in callback.history] == [0, 2]
+    names = [f"lm_eval/{DEMO_TASK}/{m}" for m in ("acc", "acc_norm")]
+    base = load_causal_lm(tiny_llama_dir, quantization=trainer.precision_plugin.config, dtype=torch.float32)
+    before = evaluate(base, [DEMO_TASK], tokenizer=module.tokenizer, **settings)["results"][DEMO_TASK]
+    assert [callback.history[0][1][n] for n in names] == [before["acc,none"], before["acc_norm,none"]]
+    after = evaluate(module, [DEMO_TASK], **settings)["results"][DEMO_TASK]  # the live policy after step 2
+    assert [callback.history[1][1][n] for n in names] == [after["acc,none"], after["acc_norm,none"]]
+    assert any(float(p.detach().abs().max()) > 0 for n, p in module.named_parameters() if n.endswith("lora_B"))

@@ -28,6 +28,21 @@ LORA = LoRAConfig(r=4, alpha=8, dropout=0.0)
 NF4 = QuantizationConfig(compute_dtype=torch.float32)
 
 
+def save_checkpoint(path, state, trained, tiny_llama_dir) -> None:
+    """A Lightning checkpoint as the LoRA callback saves it: the CausalLM's own names, trained tensors only."""
+    checkpoint = {
+        "state_dict": state,
+        "lightning_qlora": {
+            "lora": LORA.to_dict(),
+            "trainable_keys": sorted(state),
+            "base": fingerprint_parts(trained, NF4.describe()),
+        },
+        "hyper_parameters": {"model": str(tiny_llama_dir), "dtype": "fp32"},
+        "NF4Precision": {"quantization": NF4.describe()},
+    }
+    torch.save(checkpoint, path)
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_llama_dir, tmp_path_factory):
     """``(PEFT folder, LoRA checkpoint, {layer: (A, B)})`` of one random adapter on the tiny Llama."""
@@ -47,17 +62,7 @@ def adapters(tiny_llama_dir, tmp_path_factory):
     trained = load_causal_lm(tiny_llama_dir, NF4, dtype=torch.float32)  # the base as the training run saw it
     inject_lora(trained, LORA)
     trained.requires_grad_(False)
-    checkpoint = {
-        "state_dict": state,  # as the LoRA callback saves it: the CausalLM's own names, adapters only
-        "lightning_qlora": {
-            "lora": LORA.to_dict(),
-            "trainable_keys": sorted(state),
-            "base": fingerprint_parts(trained, NF4.describe()),
-        },
-        "hyper_parameters": {"model": str(tiny_llama_dir), "dtype": "fp32"},
-        "NF4Precision": {"quantization": NF4.describe()},
-    }
-    torch.save(checkpoint, root / "last.ckpt")
+    save_checkpoint(root / "last.ckpt", state, trained, tiny_llama_dir)
     return root / "peft", root / "last.ckpt", pairs
 
 
@@ -85,17 +90,7 @@ def head_adapters(tiny_llama_dir, tmp_path_factory):
     trained = load_causal_lm(tiny_llama_dir, NF4, dtype=torch.float32)  # the base as the training run saw it
     inject_lora(trained, LORA)
     mark_only_lora_trainable(trained, ["lm_head"])
-    checkpoint = {
-        "state_dict": state,
-        "lightning_qlora": {
-            "lora": LORA.to_dict(),
-            "trainable_keys": sorted(state),
-            "base": fingerprint_parts(trained, NF4.describe()),
-        },
-        "hyper_parameters": {"model": str(tiny_llama_dir), "dtype": "fp32"},
-        "NF4Precision": {"quantization": NF4.describe()},
-    }
-    torch.save(checkpoint, root / "last.ckpt")
+    save_checkpoint(root / "last.ckpt", state, trained, tiny_llama_dir)
     return root / "peft", root / "last.ckpt", model
 
 

@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qlora.lora.function import dropout, fused_lora_linear
-from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, is_4bit_linear, is_skipped, tied_linear_names
+from lightning_qlora.quantization.nf4 import (
+    DEFAULT_SKIP_MODULES,
+    is_4bit_linear,
+    is_packed_parameter,
+    is_skipped,
+    tied_linear_names,
+)
 from lightning_qlora.quantization.shells import head_patterns, is_linear_like, is_router, linear_shape
 from lightning_qlora.utils.dtypes import dtype_name, to_dtype
-from lightning_qlora.utils.imports import bitsandbytes
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -294,18 +299,10 @@ def mark_only_lora_trainable(model: nn.Module, trainable_modules: Sequence[str] 
         keep[id(param)] = keep.get(id(param), False) or wanted
     count = 0
     for key, param in params.items():
-        kept = keep[key] and not _is_packed(param)  # 4-bit codes cannot train; a named layer's bias still can
+        kept = keep[key] and not is_packed_parameter(param)  # 4-bit codes cannot train; a named layer's bias still can
         param.requires_grad_(kept)
         count += param.numel() if kept else 0
     return count
-
-
-def _is_packed(param: torch.Tensor) -> bool:
-    if not param.is_floating_point():
-        return True
-    bnb = bitsandbytes()
-
-    return isinstance(param, bnb.nn.Params4bit)
 
 
 def _prefixes(name: str) -> list[str]:

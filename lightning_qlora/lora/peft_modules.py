@@ -14,7 +14,6 @@ before anything is copied.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.lora.layer import LoRALinear, is_lora_parameter
+from lightning_qlora.quantization.nf4 import is_packed_parameter
 
 TIE_KEY = "ensure_weight_tying"
 """The ``adapter_config.json`` field with which peft ties the head to the trained copy of the input embedding."""
@@ -43,16 +43,6 @@ class SavedModules:
     """The entries with which peft's suffix matching picks exactly these modules."""
     tied: bool = False
     """Whether a trained input embedding is tied to the head (``ensure_weight_tying``)."""
-
-
-def _is_4bit(param: torch.Tensor) -> bool:
-    bnb = sys.modules.get("bitsandbytes")  # a 4-bit parameter implies bitsandbytes is imported
-    return bnb is not None and isinstance(param, bnb.nn.Params4bit)
-
-
-def _is_packed(param: torch.Tensor) -> bool:
-    """4-bit codes or integer tensors: never trained."""
-    return not param.is_floating_point() or _is_4bit(param)
 
 
 def _under(name: str, modules: list[str]) -> bool:
@@ -77,7 +67,7 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     ``inject_lora`` was just called on): nothing in it is told apart as trained.
     """
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if not is_lora_parameter(n)]
-    if all(p.requires_grad for _, p in params if not _is_packed(p)):
+    if all(p.requires_grad for _, p in params if not is_packed_parameter(p)):
         return {}
     return {n: p for n, p in params if p.requires_grad}
 
@@ -274,7 +264,7 @@ def plan_saved_modules(
     values: dict[int, torch.Tensor] = {}
     for key, target in expected.items():
         value = tensors[key]
-        if _is_4bit(target):
+        if is_packed_parameter(target):
             raise ValueError(f"{path}: {key} is a 4-bit weight in this model; load the adapter with peft")
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(

@@ -133,6 +133,11 @@ def is_4bit_linear(module: nn.Module) -> bool:
     return isinstance(module, bitsandbytes().nn.Linear4bit)
 
 
+def is_packed_parameter(param: torch.Tensor) -> bool:
+    """Whether ``param`` holds packed codes (a bitsandbytes ``Params4bit``) or integers: storage that never trains."""
+    return not param.is_floating_point() or isinstance(param, bitsandbytes().nn.Params4bit)
+
+
 def ensure_canonical_packing(layer: nn.Module) -> None:
     """See :func:`lightning_qlora.quantization.nf4_linear.ensure_canonical_packing`."""
     from lightning_qlora.quantization.nf4_linear import ensure_canonical_packing as _ensure
@@ -200,6 +205,7 @@ __all__ = [
     "ensure_canonical_packing",
     "guard_cpu_repack",
     "is_4bit_linear",
+    "is_packed_parameter",
     "is_skipped",
     "linear_to_4bit",
     "make_params4bit",

@@ -15,7 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.callbacks.base_check import CHECKPOINT_KEY, BaseCheck
-from lightning_qlora.callbacks.run_lock import (
+from lightning_qlora.callbacks.fit_outputs import (
     count_optimizer_steps,
     existing_adapter,
     keep_existing_output,

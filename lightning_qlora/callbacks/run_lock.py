@@ -6,7 +6,7 @@ created with ``O_CREAT | O_EXCL`` and removed when the run ends (also on errors,
 by a run that died on this host (its pid is gone, or now belongs to another process) is replaced.
 
 The checks of a fit's outputs (writable folders, no trained adapter replaced by an untrained one) are in
-:mod:`lightning_qlora.callbacks.fit_outputs`; their names are importable from here too.
+:mod:`lightning_qlora.callbacks.fit_outputs`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_qlora.callbacks.fit_outputs import (
-    check_export_dir,
-    count_optimizer_steps,
-    existing_adapter,
-    keep_existing_output,
-    optimizer_steps_this_fit,
-    refuse_untrained_export,
-    resolve_resume_last,
-)
 from lightning_qlora.utils.atomic import OutputNotWritableError, check_writable, not_writable_message, pid_alive
 
 __all__ = [
@@ -42,14 +33,7 @@ __all__ = [
     "RunDirLock",
     "RunDirLockedError",
     "RunLock",
-    "check_export_dir",
     "check_writable",
-    "count_optimizer_steps",
-    "existing_adapter",
-    "keep_existing_output",
-    "optimizer_steps_this_fit",
-    "refuse_untrained_export",
-    "resolve_resume_last",
 ]
 
 LOCK_NAME = ".lightning_qlora.lock"

@@ -27,9 +27,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_qlora.callbacks.fit_outputs import keep_existing_output, optimizer_steps_this_fit
 from lightning_qlora.callbacks.lora import LoRA
 from lightning_qlora.callbacks.progress import QuietLightningInternals, count_tokens, use_qlora_progress_bar
-from lightning_qlora.callbacks.run_lock import keep_existing_output, optimizer_steps_this_fit
 from lightning_qlora.memory.footprint import measure_footprint
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
 from lightning_qlora.models.preference import PreferenceLM

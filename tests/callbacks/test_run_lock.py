@@ -18,13 +18,13 @@ from conftest import Forked, TinyMLP, hold_run_lock
 from torch.utils.data import DataLoader
 
 from lightning_qlora import LoRA, RunLock, RunSummary
+from lightning_qlora.callbacks.fit_outputs import resolve_resume_last
 from lightning_qlora.callbacks.run_lock import (
     LOCK_NAME,
     OutputNotWritableError,
     RunDirLock,
     RunDirLockedError,
     check_writable,
-    resolve_resume_last,
 )
 
 

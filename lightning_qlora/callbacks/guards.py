@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_qlora.callbacks.lora import LoRA
 from lightning_qlora.callbacks.summary import plan_for_run
+from lightning_qlora.models.preference import PreferenceLM
 from lightning_qlora.utils.finite import NonFiniteError
 from lightning_qlora.utils.formatting import format_bytes
 
@@ -159,12 +160,15 @@ def oom_advice(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: 
     lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoRA)), None)  # type: ignore[attr-defined]
     if lora is not None and not lora.gradient_checkpointing:
         advice.append("turn on gradient checkpointing (LoRA(gradient_checkpointing=true)): activations shrink most")
-    if batch_shape and batch_shape[0] > 1:
-        half = max(1, batch_shape[0] // 2)
-        accumulate = trainer.accumulate_grad_batches * (batch_shape[0] // half)
+    rows_per_item = 2 if isinstance(pl_module, PreferenceLM) else 1  # a pair is a chosen and a rejected row
+    items = batch_shape[0] // rows_per_item if batch_shape else 0
+    if items > 1:
+        half = max(1, items // 2)
+        accumulate = trainer.accumulate_grad_batches * (items // half)
+        unit = " pairs" if rows_per_item == 2 else ""
         advice.append(
-            f"halve the micro-batch (batch_size={half}) and set trainer.accumulate_grad_batches={accumulate} to keep "
-            "the same effective batch"
+            f"halve the micro-batch (batch_size={half}{unit}) and set trainer.accumulate_grad_batches={accumulate} to "
+            "keep the same effective batch"
         )
     optimizer_name = type(trainer.optimizers[0]).__name__ if trainer.optimizers else ""
     if "8bit" not in optimizer_name:
@@ -190,7 +194,6 @@ def _planner_advice(
         budget = min(budget, torch.cuda.get_device_properties(device).total_memory)
     tips = plan.advice(budget)
     return [f"(planned peak {format_bytes(plan.peak)}) {tips[0]}", *tips[1:]] if tips else []
-
 
 
 class OutOfMemoryAdvice(Callback):

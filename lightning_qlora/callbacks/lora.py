@@ -25,6 +25,7 @@ from lightning_qlora.lora.experts import inject_expert_lora
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 from lightning_qlora.lora.loftq import checkpoint_tensors, loftq_init_model
 from lightning_qlora.lora.peft_format import export_peft
+from lightning_qlora.lora.peft_modules import saved_modules_layout
 from lightning_qlora.models.checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
 from lightning_qlora.models.compilation import compile_blocks, graph_break_counts, graph_break_report
 from lightning_qlora.models.sources import safetensors_files
@@ -142,6 +143,11 @@ class LoRA(Callback):
         self.injected += names
         self.trainable_params = mark_only_lora_trainable(pl_module, self.trainable_modules)
         root = model_root(pl_module)
+        if self.trainable_modules and self.export_dir:  # now, not after training: the PEFT export must hold them
+            try:
+                saved_modules_layout(root)
+            except ValueError as err:
+                raise ValueError(f"LoRA(trainable_modules={self.trainable_modules}) with export_dir: {err}") from err
         if self.config.init == "loftq" and names:
             loftq_from_checkpoint(root)
         if self.gradient_checkpointing:

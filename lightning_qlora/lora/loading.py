@@ -41,7 +41,8 @@ def adapter_kind(adapter: str | os.PathLike) -> Literal["peft", "checkpoint"]:
 
     Raises:
         FileNotFoundError: if ``adapter`` does not exist.
-        ValueError: for a folder without ``adapter_config.json`` (naming a ``.ckpt`` in it, if any).
+        ValueError: for a sharded (FSDP) checkpoint folder, or a folder without ``adapter_config.json`` (naming a
+            ``.ckpt`` in it, if any).
     """
     path = Path(adapter).expanduser()
     if path.is_dir() and (path / CONFIG_NAME).is_file():
@@ -51,6 +52,11 @@ def adapter_kind(adapter: str | os.PathLike) -> Literal["peft", "checkpoint"]:
     if not path.exists():
         raise FileNotFoundError(
             f"adapter {path} does not exist; pass a PEFT adapter folder (with {CONFIG_NAME}) or a .ckpt file"
+        )
+    if (path / "meta.pt").is_file() or (path / ".metadata").is_file():  # torch.distributed.checkpoint's layout
+        raise ValueError(
+            f"adapter {path} is a sharded (FSDP) checkpoint, read only to resume training; pass the run's PEFT export "
+            "(LoRA(export_dir=...)) or a checkpoint saved with state_dict_type='full'"
         )
     found = sorted(path.glob("*.ckpt"))
     hint = f", such as {found[-1]}" if found else ""

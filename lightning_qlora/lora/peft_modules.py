@@ -176,6 +176,27 @@ def _tied_entry(model: nn.Module, group: list[str]) -> str:
     return embedding
 
 
+def saved_modules_layout(model: nn.Module) -> tuple[list[str], list[str], bool]:
+    """``(modules, modules_to_save entries, tied)`` that :func:`saved_modules` writes, without copying a tensor.
+
+    Raises:
+        ValueError: as :func:`saved_modules`, for what PEFT cannot represent (the LoRA callback checks at setup).
+    """
+    modules = _whole_modules(model, trained_parameters(model))
+    if not modules:
+        return [], [], False
+    names = _peft_names(model)
+    entries: list[str] = []
+    tied = False
+    for group in _tied_groups(model, modules):
+        if len(group) > 1:
+            entries.append(_entry(_tied_entry(model, group), names))
+            tied = True
+        else:
+            entries.append(_entry(group[0], names))
+    return modules, entries, tied
+
+
 def saved_modules(model: nn.Module) -> SavedModules:
     """The modules ``model`` trained outside its adapters, as peft saves ``modules_to_save``.
 
@@ -188,18 +209,9 @@ def saved_modules(model: nn.Module) -> SavedModules:
             ones in its module (a 4-bit weight), trained weights shared other than embedding-to-head, or a module
             name that peft's suffix matching cannot single out.
     """
-    modules = _whole_modules(model, trained_parameters(model))
+    modules, entries, tied = saved_modules_layout(model)
     if not modules:
         return SavedModules()
-    names = _peft_names(model)
-    entries: list[str] = []
-    tied = False
-    for group in _tied_groups(model, modules):
-        if len(group) > 1:
-            entries.append(_entry(_tied_entry(model, group), names))
-            tied = True
-        else:
-            entries.append(_entry(group[0], names))
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for module in modules:

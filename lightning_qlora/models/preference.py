@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_qlora.lora.layer import adapters_disabled
+from lightning_qlora.lora.layer import adapters_disabled, is_lora_parameter
 from lightning_qlora.models.causal_lm import CausalLM
 from lightning_qlora.models.losses import IGNORE_INDEX, chunked_loss_unsupported, last_hidden_state
 from lightning_qlora.models.preference_losses import METHODS, PreferenceMethod, PreferenceOutput, preference_loss
@@ -120,11 +120,21 @@ class PreferenceLM(CausalLM):
 
     @override
     def on_fit_start(self) -> None:
-        """Refuse a reference that would not be the pretrained model (LoftQ-initialised adapters).
+        """Refuse a reference that would not be the pretrained model (LoftQ-initialised adapters, trained modules).
 
         Raises:
-            ValueError: for DPO or IPO with ``LoRA(init="loftq")``.
+            ValueError: for DPO or IPO with ``LoRA(init="loftq")``, or with parameters trained outside the adapters
+                (``LoRA(trainable_modules=...)``: switching the adapters off would leave them trained in the reference).
         """
+        if self.needs_reference:
+            trained = next(
+                (n for n, p in self.model.named_parameters() if p.requires_grad and not is_lora_parameter(n)), None
+            )
+            if trained is not None:
+                raise ValueError(
+                    f"PreferenceLM(method={self.method!r}) trains {trained} outside the adapters, which would stay "
+                    "trained in the reference (adapters off); drop LoRA(trainable_modules=...) or use method='orpo'"
+                )
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             if self.needs_reference and getattr(getattr(callback, "config", None), "init", None) == "loftq":
                 raise ValueError(

@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import quiet_trainer
 
-from lightning_qlora import CausalLM, InstructionDataModule, LoRA
+from lightning_qlora import CausalLM, InstructionDataModule, LoRA, PreferenceLM
 from lightning_qlora.callbacks.checkpoint import ResumableCheckpoint
 from lightning_qlora.callbacks.guards import NonFiniteGuard, OutOfMemoryAdvice, oom_advice
 from lightning_qlora.cli.main import main
@@ -168,6 +168,8 @@ def test_out_of_memory_gets_advice_as_a_note(tiny_llama_dir, rows, tmp_path):
     assert "batch 2 -> 1 with accumulate_grad_batches=2: peak" in advice.message  # the planner's numbers
     plain = oom_advice(_Bare(), None, (2, 64))  # a model the planner does not know: advice from the settings
     assert plain[0].startswith("halve the micro-batch (batch_size=1)") and "paged_adamw_8bit" in plain[1]
+    pairs = oom_advice(_Bare(), PreferenceLM(model=str(tiny_llama_dir)), (8, 64))  # 4 pairs: 8 rows
+    assert pairs[0].startswith("halve the micro-batch (batch_size=2 pairs) and set trainer.accumulate_grad_batches=2")
     assert any(advice.message in note for note in getattr(err.value, "__notes__", [advice.message]))
 
 

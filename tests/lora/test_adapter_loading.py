@@ -129,3 +129,16 @@ def test_adapter_kind_names_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match="folder without adapter_config.json; .*such as .*last.ckpt"):
         adapter_kind(tmp_path / "run")
     assert adapter_kind(tmp_path / "run" / "last.ckpt") == "checkpoint"
+
+
+def test_a_sharded_checkpoint_folder_is_named_as_such(tmp_path):
+    """FSDP's default checkpoint is a folder (torch.distributed.checkpoint): say so, not 'no adapter_config.json'."""
+    from lightning_qlora.lora.loading import adapter_kind
+
+    folder = tmp_path / "epoch=0-step=10.ckpt"
+    folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")
+    (folder / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is a sharded \(FSDP\) checkpoint") as err:
+        adapter_kind(folder)
+    assert "\n" not in str(err.value) and "state_dict_type='full'" in str(err.value)

@@ -215,6 +215,15 @@ def test_callback_apply_freezes_and_keeps_trainable_modules():
     assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
 
 
+def test_callback_refuses_trainable_modules_its_peft_export_cannot_hold_before_training(tmp_path):
+    """A module holding a LoRA layer (its base weight would train): refused at apply, not after the last step."""
+    callback = LoRA(r=4, trainable_modules=["self_attn"], export_dir=str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"^LoRA\(trainable_modules=\['self_attn'\]\) with export_dir: ") as err:
+        callback.apply(build_tiny_llama())
+    assert "\n" not in str(err.value) and "LoRA layer" in str(err.value)
+    LoRA(r=4, trainable_modules=["lm_head"], export_dir=str(tmp_path / "adapter")).apply(build_tiny_llama())  # fine
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 def one_line(err) -> str:
     message = str(err.value)

@@ -204,3 +204,14 @@ def test_lm_eval_callback_scores_the_policy_during_a_dpo_fit(tiny_llama_dir, tmp
     after = evaluate(module, [DEMO_TASK], **settings)["results"][DEMO_TASK]  # the live policy after step 2
     assert [callback.history[1][1][n] for n in names] == [after["acc,none"], after["acc_norm,none"]]
     assert any(float(p.detach().abs().max()) > 0 for n, p in module.named_parameters() if n.endswith("lora_B"))
+
+
+def test_dpo_refuses_modules_trained_outside_the_adapters(tiny_llama_dir, tmp_path):
+    """A trained head would stay trained with the adapters off: the reference would not be the base."""
+    module = PreferenceLM(model=str(tiny_llama_dir), method="dpo", dtype="fp32")
+    data = PreferenceDataModule(str(write_pairs(tmp_path / "pairs.jsonl", 6)), val_split=2, batch_size=2)
+    trainer = quiet_trainer(tmp_path, [LoRA(r=4, trainable_modules=["lm_head"])], max_steps=1)
+    with pytest.raises(ValueError, match=r"trains lm_head.weight outside the adapters") as err:
+        trainer.fit(module, data)
+    assert "\n" not in str(err.value) and "method='orpo'" in str(err.value)
+    assert trainer.global_step == 0

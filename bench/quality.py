@@ -192,6 +192,7 @@ def run_variant(config_path: Path, out: Path) -> None:
     import lightning.pytorch as pl
 
     from lightning_qlora.cli.main import OneLineErrorParser, QLoRACLI, QLoRATrainer
+    from lightning_qlora.cli.recipe import RECIPE_CLI_ARGS
 
     include = task_folder()
     record: dict[str, Any] = {"eval_seconds": 0.0}
@@ -209,13 +210,9 @@ def run_variant(config_path: Path, out: Path) -> None:
             self._score("after", pl_module)
 
     cli = QLoRACLI(
-        model_class=pl.LightningModule,
-        datamodule_class=None,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+        **RECIPE_CLI_ARGS,
         trainer_class=QLoRATrainer,
         parser_class=OneLineErrorParser,
-        auto_configure_optimizers=False,
         run=False,
         args=["--config", str(config_path)],
     )

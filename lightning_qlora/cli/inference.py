@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
 from lightning_qlora.callbacks.lora import LoRA
+from lightning_qlora.cli.recipe import RECIPE_CLI_ARGS
 from lightning_qlora.data.inference_prompts import adds_special_tokens, render_prompts, resolve_prompt_style
 from lightning_qlora.lora.loading import adapter_kind
 from lightning_qlora.lora.loading import load_adapter as load_lora_adapter
@@ -211,13 +212,9 @@ class InferenceCLI(LightningCLI):
         self, args: list[str], parser_class: type[LightningArgumentParser], prog: str, description: str
     ) -> None:
         super().__init__(
-            model_class=pl.LightningModule,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
+            **RECIPE_CLI_ARGS,
             parser_class=parser_class,
             save_config_callback=None,
-            auto_configure_optimizers=False,
             seed_everything_default=False,  # the recipe's seed_everything still applies
             run=False,
             args=args,

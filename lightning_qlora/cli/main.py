@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_qlora.cli.fit_checks import CLI_LOCKS, check_fit_outputs, release_cli_locks
+from lightning_qlora.cli.recipe import RECIPE_CLI_ARGS
 from lightning_qlora.utils.atomic import DiskFullError, is_disk_full
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.finite import NonFiniteError
@@ -269,14 +270,10 @@ def main(args: list[str] | None = None) -> None:
             return serve_command(argv[1:], OneLineErrorParser)
         try:
             QLoRACLI(
-                model_class=pl.LightningModule,
-                datamodule_class=None,  # optional: `evaluate` needs no data
-                subclass_mode_model=True,
-                subclass_mode_data=True,
+                **RECIPE_CLI_ARGS,
                 trainer_class=QLoRATrainer,
                 parser_class=OneLineErrorParser,
                 save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False,
                 args=args,
             )
         finally:

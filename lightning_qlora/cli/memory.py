@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
 from lightning_qlora.callbacks.lora import LoRA
+from lightning_qlora.cli.recipe import RECIPE_CLI_ARGS
 from lightning_qlora.memory.planner import MemoryPlan, plan_memory
 from lightning_qlora.models.preference import PreferenceLM
 from lightning_qlora.plugins.precision import NF4Precision
@@ -103,9 +104,8 @@ def parse_recipe(args: list[str] | dict[str, Any]) -> Namespace:
     """
     kwargs = {"prog": "lightning-qlora memory", "description": _DESCRIPTION, "exit_on_error": False}
     try:
-        cli = _RecipeCLI(model_class=pl.LightningModule, datamodule_class=None, subclass_mode_model=True,
-                         subclass_mode_data=True, trainer_class=pl.Trainer, auto_configure_optimizers=False,
-                         load_from_checkpoint_support=False, run=False, parser_kwargs=kwargs, args=args)  # fmt: skip
+        cli = _RecipeCLI(**RECIPE_CLI_ARGS, trainer_class=pl.Trainer, load_from_checkpoint_support=False, run=False,
+                         parser_kwargs=kwargs, args=args)  # fmt: skip
         return cli.config
     except argparse.ArgumentError as err:  # as fit says it: the class's own complaint, one line
         text = " ".join(str(err).split()) or "invalid arguments"

@@ -34,7 +34,7 @@ from lightning_qlora import CausalLM, LoRA, NF4Precision, PagedOptimizerStrategy
 from lightning_qlora.lora.experts import expert_lora_modules  # noqa: E402
 from lightning_qlora.lora.layer import LoRALinear  # noqa: E402
 from lightning_qlora.quantization.experts import expert_weight  # noqa: E402
-from lightning_qlora.quantization.nf4 import dequantize_weight, is_4bit_linear  # noqa: E402
+from lightning_qlora.quantization.nf4 import dequantize_weight, guard_cpu_repack, is_4bit_linear  # noqa: E402
 from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, is_router  # noqa: E402
 
 NO_HEAD_DIM = ["head_dim", "num_key_value_heads"]
@@ -170,6 +170,9 @@ def run(arch: str, root: Path) -> dict:
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
             hf = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, dtype=torch.float32)
+            # bitsandbytes' own CPU inference path on AVX512-BF16 CPUs repacks the codes for a bf16 kernel (~2e-3 off
+            # in fp32 here); keep it on the fp32 dequantize + matmul path ours takes, so the codes are what's compared
+            guard_cpu_repack(hf)
             bnb_diff = (ours - PeftModel.from_pretrained(hf, str(adapter)).eval()(ids).logits).abs().max().item()
     return {
         "losses": losses,

@@ -103,8 +103,12 @@ def preference_loader(
 
 
 def preference_module(model_dir: str) -> PreferenceLM:
-    """DPO with a large enough step that 3 steps move the loss well away from log 2 (its value at B = 0)."""
-    return PreferenceLM(model=model_dir, method="dpo", beta=0.5, lr=5e-3)
+    """DPO with a large enough step that 3 steps move the loss well away from log 2 (its value at B = 0).
+
+    fp32 throughout (with ``NF4Precision(compute_dtype="fp32")``): DPO's loss near 0.1 turns bf16 round-off of the
+    margins into ~1e-2 relative differences between batchings, on CPUs where ``auto`` picks bf16.
+    """
+    return PreferenceLM(model=model_dir, method="dpo", beta=0.5, lr=5e-3, dtype="fp32")
 
 
 def adapter_sums(module: torch.nn.Module) -> dict[str, int]:
@@ -216,7 +220,8 @@ def run_ddp_preference(cfg: dict, out: Path, rank: int) -> dict:
     """DPO under DDP: each rank scores its own pairs (reference pass included), validation over both ranks' pairs."""
     record = Record(seed=100)
     lora = LoRA(r=8, alpha=16, dropout=0.0)
-    kwargs = trainer_kwargs(out, strategy=PagedDDPStrategy(), plugins=[NF4Precision()], callbacks=[lora, record])
+    plugins = [NF4Precision(compute_dtype="fp32")]  # fp32 throughout: see preference_module
+    kwargs = trainer_kwargs(out, strategy=PagedDDPStrategy(), plugins=plugins, callbacks=[lora, record])
     trainer = pl.Trainer(**{**kwargs, "gradient_clip_val": None}, enable_checkpointing=False)
     module = preference_module(cfg["model_dir"])
     train = preference_loader(2, rank=rank, world_size=2)  # 3 batches of 2 pairs: one epoch, validated at its end

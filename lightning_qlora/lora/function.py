@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.nf4 import ensure_canonical_packing, is_4bit_linear
+from lightning_qlora.quantization.nf4 import dequantize_codes, ensure_canonical_packing, is_4bit_linear
 from lightning_qlora.utils.imports import bitsandbytes
 
 
@@ -52,9 +52,7 @@ def _dequantized(weight: torch.Tensor, spec: FusedLoRASpec) -> torch.Tensor:
     """``W0`` in the base compute dtype: bitsandbytes' own dequantization of the packed codes, or the plain weight."""
     if spec.quant_state is None:
         return weight.to(spec.base_dtype)
-    dequantize_4bit = bitsandbytes().functional.dequantize_4bit
-
-    return dequantize_4bit(weight, spec.quant_state).to(spec.base_dtype)
+    return dequantize_codes(weight, spec.quant_state, spec.base_dtype)
 
 
 _UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}

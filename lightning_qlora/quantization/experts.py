@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.nf4 import QuantizationConfig, make_params4bit
+from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_codes, make_params4bit
 from lightning_qlora.utils.imports import bitsandbytes
 
 EXPERTS_IMPLEMENTATION = "lightning_qlora"
@@ -139,7 +139,7 @@ def expert_weight(param: torch.Tensor, expert: int, dtype: torch.dtype) -> torch
         dtype=state.dtype,
     )
     packed = param.data.reshape(-1).view(torch.uint8)[expert * count // 2 : (expert + 1) * count // 2]
-    return bnb.functional.dequantize_4bit(packed, piece).to(dtype)
+    return dequantize_codes(packed, piece, dtype)
 
 
 class _ExpertMatmul(torch.autograd.Function):

@@ -8,6 +8,7 @@ interchangeable with HF/peft.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -176,13 +177,25 @@ def default_quantization_device(weight: torch.Tensor) -> torch.device:
     return weight.device
 
 
+def dequantize_codes(codes: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``codes`` dequantized by bitsandbytes straight into ``dtype`` (fp64: through fp32).
+
+    bitsandbytes' ``dequantize_4bit`` writes the dtype the weights were quantized from: a bf16 checkpoint computed in
+    fp32 would be rounded to bf16 first (2⁻⁹ relative) in one path and not in another (its no-grad ``gemm_4bit``
+    dequantizes into the input's dtype). Every matmul, merge and reference here dequantizes through this function.
+    """
+    target = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    if quant_state.dtype != target:
+        quant_state = copy.copy(quant_state)  # a shallow copy: the codes and constants are shared, not copied
+        quant_state.dtype = target
+    return bitsandbytes().functional.dequantize_4bit(codes, quant_state).to(dtype)
+
+
 def dequantize_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The full-precision weight a 4-bit (or plain) linear layer computes with, as bitsandbytes dequantizes it."""
     if is_4bit_linear(layer):
-        dequantize_4bit = bitsandbytes().functional.dequantize_4bit
-
         ensure_canonical_packing(layer)
-        return dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        return dequantize_codes(layer.weight.data, layer.weight.quant_state, dtype)
     return layer.weight.data.to(dtype)
 
 
@@ -200,6 +213,7 @@ __all__ = [
     "DEFAULT_SKIP_MODULES",
     "DTypeLike",
     "QuantizationConfig",
+    "dequantize_codes",
     "dequantize_weight",
     "default_quantization_device",
     "ensure_canonical_packing",

@@ -19,6 +19,7 @@ from lightning_qlora import LoRA, NF4Precision
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, mark_only_lora_trainable
 from lightning_qlora.quantization.nf4 import (
     QuantizationConfig,
+    dequantize_codes,
     dequantize_weight,
     ensure_canonical_packing,
     guard_cpu_repack,
@@ -427,3 +428,19 @@ def test_lora_adapters_on_a_quantized_base_are_never_quantized():
     for name, param in model.named_parameters():
         if "lora_" in name:
             assert type(param) is nn.Parameter and param.dtype == torch.float32 and param.requires_grad
+
+
+def test_dequantize_codes_writes_the_compute_dtype_directly_as_bitsandbytes_no_grad_matmul_does():
+    """A bf16 checkpoint computed in fp32: no bf16 rounding of the dequantized weight in any path."""
+    weight = torch.randn(192, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    codes, state = quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    fp32 = dequantize_codes(codes, state, torch.float32)
+    # bitsandbytes' own float64-free reference: its no-grad 4-bit matmul dequantizes into the input's dtype
+    x = torch.eye(128)
+    with torch.no_grad():
+        assert torch.equal(bnb.matmul_4bit(x, codes.t(), quant_state=state).t(), fp32)
+    rounded = dequantize_4bit(codes, state).float()  # the checkpoint's dtype first, then fp32: what this replaces
+    assert 0 < (fp32 - rounded).abs().max() <= 2**-8 * fp32.abs().max()
+    assert state.dtype == torch.bfloat16  # the layer's state is left as it was
+    assert torch.equal(dequantize_codes(codes, state, torch.bfloat16), dequantize_4bit(codes, state))
+    assert torch.equal(dequantize_codes(codes, state, torch.float64), fp32.double())

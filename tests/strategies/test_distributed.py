@@ -121,7 +121,7 @@ def preference_reference(tiny_llama_dir, tmp_path_factory) -> dict:
         accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
         default_root_dir=tmp_path_factory.mktemp("preference_reference"), strategy=PagedOptimizerStrategy(),
-        plugins=[NF4Precision()], callbacks=[LoRA(r=8, alpha=16, dropout=0.0), record],
+        plugins=[NF4Precision(compute_dtype="fp32")], callbacks=[LoRA(r=8, alpha=16, dropout=0.0), record],
     )  # fmt: skip
     module = preference_module(str(tiny_llama_dir))
     with pytest.warns(UserWarning, match="paged optimizers need CUDA"):

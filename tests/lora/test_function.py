@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_qlora.lora.function import (
     LoRALinearFunction,
     dropout,
+    dropped_positions,
     fused_base_weight,
     fused_lora_linear,
     pack_mask,
@@ -125,9 +126,9 @@ def test_cpu_dropout_matches_a_float64_recompute_and_the_plain_path_with_the_sam
     x = torch.randn(3, 16, IN, generator=torch.Generator().manual_seed(3))
     y, loss, gx, ga, gb = run(layer, x, seed=11)
     after_fused = torch.get_rng_state()
-    torch.manual_seed(11)  # the forward's first draw: the mask, four elements per 64-bit draw
+    torch.manual_seed(11)  # the forward's first draw: the mask, as positions of the dropped elements
     _, keep, scale = dropout(x.reshape(-1, IN), 0.3)
-    assert scale == 32768 / (32768 - round(0.3 * 32768))  # p rounded to 1/32768: 0.29999 here
+    assert scale == 1 / (1 - 0.3)
     assert abs(float(keep.float().mean()) - 0.7) < 4 * (0.3 * 0.7 / keep.numel()) ** 0.5
     x64 = x.detach().double().requires_grad_(True)
     a = layer.lora_A.detach().double().requires_grad_(True)
@@ -286,7 +287,7 @@ def test_backward_keeps_only_x_and_x_times_a(dropout):
     assert fused == tokens * IN * 2 + tokens * R * 2 + mask_bytes  # x (bf16, not copied) + x·Aᵀ (bf16); no W0
     layer.fused = False
     plain = saved_bytes(layer, x)
-    assert plain > fused + tokens * IN * (dropout > 0)  # the plain path also keeps dropout's output and mask
+    assert plain > fused  # the plain path also keeps x·Aᵀ's input (with dropout: its own copy and the positions)
 
 
 # --------------------------------------------------------------------------------- when it applies
@@ -346,3 +347,31 @@ def test_mask_packing_round_trips(shape):
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(unpack_mask(packed, mask.shape), mask)
     assert pack_mask(torch.tensor([True, False, True] + [False] * 5)).item() == 0b101  # element i is bit i
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_cpu_dropout_positions_are_independent_bernoulli_draws(p):
+    """Geometric gaps give iid Bernoulli(p) drops: the rate, the pair rate of neighbours and no duplicates."""
+    n = 1_000_000
+    torch.manual_seed(0)
+    positions = dropped_positions(n, p)
+    assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
+    assert 0 <= int(positions[0]) and int(positions[-1]) < n
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(float(dropped.float().mean()) - p) < 5 * sigma
+    both = float((dropped[1:] & dropped[:-1]).float().mean())  # neighbours independent: p² (a gap of 1 is p)
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    runs_of_8 = dropped[: n // 8 * 8].view(-1, 8).sum(1).bincount(minlength=9).double() / (n // 8)
+    expected = torch.distributions.Binomial(8, torch.tensor(p)).log_prob(torch.arange(9.0)).exp().double()
+    assert (runs_of_8 - expected).abs().max() < 0.005
+    assert dropped_positions(0, p).numel() == 0 and dropped_positions(10, 0.0).numel() == 0
+
+
+def test_cpu_dropout_keeps_the_mask_it_reports_and_scales_the_rest():
+    x = torch.randn(64, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    dropped, keep, scale = dropout(x, 0.25)
+    assert dropped.dtype == x.dtype and dropped.shape == x.shape and keep.shape == x.shape
+    assert torch.equal(dropped, torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype)))
+    assert 0.2 < 1 - float(keep.float().mean()) < 0.3

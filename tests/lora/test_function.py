@@ -375,3 +375,19 @@ def test_cpu_dropout_keeps_the_mask_it_reports_and_scales_the_rest():
     assert dropped.dtype == x.dtype and dropped.shape == x.shape and keep.shape == x.shape
     assert torch.equal(dropped, torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype)))
     assert 0.2 < 1 - float(keep.float().mean()) < 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_backward_mask_zeroes_exactly_what_where_zeroes(dtype):
+    """The integer AND of the backward mask gives torch.where's bits: +0.0 where dropped, the value where kept."""
+    from lightning_qlora.lora.function import apply_keep, keep_mask_for, pack_mask
+
+    keep = torch.rand(37, 29, generator=torch.Generator().manual_seed(2)) >= 0.3  # 1073 elements: a partial byte
+    t = torch.randn(37, 29, generator=torch.Generator().manual_seed(3)).to(dtype)
+    t[0, :4] = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    mask = keep_mask_for(pack_mask(keep), keep.shape, dtype)
+    assert mask.dtype == (torch.bool if dtype == torch.float64 else mask.dtype) and mask.shape == keep.shape
+    expected = torch.where(keep, t, torch.zeros((), dtype=dtype))
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    for got in (apply_keep(t, mask), apply_keep(t.clone(), mask, inplace=True)):
+        assert torch.equal(got.view(bits), expected.view(bits))

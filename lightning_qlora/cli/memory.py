@@ -187,7 +187,8 @@ def plan_recipe(
         recipe: the config :func:`parse_recipe` returns, or a recipe dict (parsed here, as ``fit`` would).
         devices: GPUs (default the recipe's ``trainer.devices`` × ``num_nodes``).
         batch_size: sequences per device per step (default the data module's ``batch_size``; for a
-            :class:`~lightning_qlora.PreferenceLM`, twice it: each pair is a chosen and a rejected sequence).
+            :class:`~lightning_qlora.PreferenceLM`, twice it: each pair is a chosen and a rejected sequence, so an
+            odd number is refused).
         seq_len: tokens per sequence (default the data module's ``max_length``: the longest a batch can be).
         sharding: ``ddp`` or ``fsdp`` (default from the strategy: FSDP strategies shard, others replicate).
 
@@ -199,6 +200,11 @@ def plan_recipe(
     preference = recipe_preference(config)
     if not model_args.get("model"):
         raise ValueError("the recipe has no model.init_args.model; set the model directory, .json, GGUF or hub id")
+    if preference and batch_size and batch_size % 2:
+        raise ValueError(
+            f"batch size {batch_size} is odd, but a PreferenceLM ({preference}) step scores whole pairs (a chosen and "
+            f"a rejected sequence each); pass an even number of sequences, e.g. {batch_size + 1}"
+        )
     data_args = (config.get("data") or Namespace()).get("init_args") or Namespace()
     trainer = config.trainer
     lora = _instance(trainer.callbacks, LoRA)

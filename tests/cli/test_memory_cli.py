@@ -171,6 +171,11 @@ def test_preference_recipe_plans_both_sequences_of_each_pair_and_the_reference(r
     assert plan_memory(**args, batch_size=6, preference=method).peak < budget < expected.peak
     main(["memory", "--config", path, "--budget", str(budget)])
     assert "batch 4 -> 3 pairs with accumulate_grad_batches=2: peak " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # half a pair: refused in one line, not planned
+        main(["memory", "--config", path, "--batch-size", "7"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert "batch size 7 is odd" in err and f"PreferenceLM ({method})" in err and "e.g. 8" in err
 
 
 def test_nothing_is_instantiated_or_seeded(recipe_dict, write, capsys, monkeypatch):

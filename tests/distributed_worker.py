@@ -216,26 +216,43 @@ def run_ddp(cfg: dict, out: Path, rank: int) -> dict:
     }
 
 
-def run_ddp_preference(cfg: dict, out: Path, rank: int) -> dict:
-    """DPO under DDP: each rank scores its own pairs (reference pass included), validation over both ranks' pairs."""
+def run_preference(cfg: dict, out: Path, rank: int, name: str, strategy: pl.strategies.Strategy) -> dict:
+    """DPO under ``strategy``: each rank scores its own pairs (reference pass included), validation over both ranks'."""
     record = Record(seed=100)
     lora = LoRA(r=8, alpha=16, dropout=0.0)
-    plugins = [NF4Precision(compute_dtype="fp32")]  # fp32 throughout: see preference_module
-    kwargs = trainer_kwargs(out, strategy=PagedDDPStrategy(), plugins=plugins, callbacks=[lora, record])
+    # fp32 throughout (see preference_module); "auto" storage: the compute dtype, so FSDP can shard the codes
+    plugins = [NF4Precision(compute_dtype="fp32", quant_storage="auto")]
+    kwargs = trainer_kwargs(out, strategy=strategy, plugins=plugins, callbacks=[lora, record])
     trainer = pl.Trainer(**{**kwargs, "gradient_clip_val": None}, enable_checkpointing=False)
     module = preference_module(cfg["model_dir"])
     train = preference_loader(2, rank=rank, world_size=2)  # 3 batches of 2 pairs: one epoch, validated at its end
     trainer.fit(module, train_dataloaders=train, val_dataloaders=preference_loader(2, rank, 2, val=True))
-    if rank == 0:
+    if rank == 0 and name == "ddp":
         torch.save({k: v.detach().clone() for k, v in lora_state_dict(module).items()}, out / "dpo_final.pt")
     return {
         "losses": record.losses,
         "local_losses": record.local_losses,
         "start": record.start_adapters,
-        "final": adapter_sums(module),
+        "final": full_adapter_sums(trainer, module),
         "preference_history": module.preference_history,
         "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")},
     }
+
+
+def run_ddp_preference(cfg: dict, out: Path, rank: int) -> dict:
+    return run_preference(cfg, out, rank, "ddp", PagedDDPStrategy())
+
+
+def run_fsdp_preference(cfg: dict, out: Path, rank: int) -> dict:
+    from lightning_qlora.strategies.fsdp import QLoRAFSDPStrategy
+
+    return run_preference(cfg, out, rank, "fsdp", QLoRAFSDPStrategy())
+
+
+def run_fsdp2_preference(cfg: dict, out: Path, rank: int) -> dict:
+    from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
+
+    return run_preference(cfg, out, rank, "fsdp2", QLoRAFSDP2Strategy())
 
 
 def run_ddp_compiled(cfg: dict, out: Path, rank: int) -> dict:
@@ -391,6 +408,8 @@ SCENARIOS = {
     "ddp": run_ddp,
     "ddp_compiled": run_ddp_compiled,
     "ddp_preference": run_ddp_preference,
+    "fsdp_preference": run_fsdp_preference,
+    "fsdp2_preference": run_fsdp2_preference,
     "fsdp": run_fsdp,
     "fsdp2": run_fsdp2,
     "collectives": run_collectives,

@@ -31,7 +31,8 @@ from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
 from lightning_qlora.utils.dtypes import to_dtype
 
 WORKER = Path(__file__).parents[1] / "distributed_worker.py"
-SCENARIOS = ["collectives", "ddp", "ddp_compiled", "ddp_preference", "fsdp", "fsdp2"]
+SCENARIOS = ["collectives", "ddp", "ddp_compiled", "ddp_preference", "fsdp", "fsdp2", "fsdp_preference",
+             "fsdp2_preference"]
 LOSS_REL = 1e-3  # bf16 autocast (where native): the same math batched differently rounds differently (seen: 3e-4)
 
 
@@ -195,6 +196,21 @@ def test_ddp_preference_ranks_score_their_own_pairs_and_train_like_one_process(r
         assert values == pytest.approx(expected, rel=LOSS_REL, abs=1e-6), (values, expected)
         assert r["logged"]["val_loss"] == pytest.approx(expected["loss"], rel=LOSS_REL)
         assert r["logged"]["val_rewards/margins"] == pytest.approx(expected["margins"], rel=LOSS_REL, abs=1e-6)
+
+
+@pytest.mark.parametrize("scenario", ["fsdp_preference", "fsdp2_preference"])
+def test_sharded_preference_scores_each_ranks_pairs_and_trains_like_one_process(runs, preference_reference, scenario):
+    """DPO under FSDP / FSDP2: the reference pass (adapters off) runs on the sharded 4-bit base like the policy's."""
+    r0, r1, ref = runs[scenario, 0], runs[scenario, 1], preference_reference
+    assert r0["start"] == r1["start"] == ref["start"]  # rank 0's adapters on every shard
+    assert r0["local_losses"] != r1["local_losses"] and r0["losses"] == r1["losses"]
+    assert r0["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy = reference, sharded too
+    assert r0["losses"] == pytest.approx(ref["losses"], rel=LOSS_REL)
+    assert r0["final"] == r1["final"]  # the gathered adapters agree across ranks
+    for r in (r0, r1):  # validation synchronised to the 8-pair values
+        (step, values), ((_, expected),) = r["preference_history"][-1], ref["preference_history"]
+        assert step == 3 and values == pytest.approx(expected, rel=LOSS_REL, abs=1e-6), (values, expected)
+        assert r["logged"]["val_loss"] == pytest.approx(expected["loss"], rel=LOSS_REL)
 
 
 def test_ddp_checkpoint_and_peft_export_are_written_once_by_rank0(runs):

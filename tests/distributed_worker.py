@@ -340,6 +340,28 @@ def run_fsdp2(cfg: dict, out: Path, rank: int) -> dict:
     return run_sharded(cfg, out, rank, "fsdp2", QLoRAFSDP2Strategy)
 
 
+def run_fsdp2_modules(cfg: dict, out: Path, rank: int) -> dict:
+    """FSDP2 with a trained head (``trainable_modules``): the PEFT export holds the gathered head, as peft's
+    ``modules_to_save``, next to the gathered adapters."""
+    from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
+
+    record = Record(seed=100)
+    lora = LoRA(r=8, alpha=16, dropout=0.0, trainable_modules=["lm_head"], export_dir=str(out / "fsdp2_modules_peft"))
+    kwargs = trainer_kwargs(out, strategy=QLoRAFSDP2Strategy(), plugins=[NF4Precision(quant_storage="auto")],
+                            callbacks=[lora, record])  # fmt: skip
+    trainer = pl.Trainer(**kwargs, enable_checkpointing=False)
+    module = CausalLM(model=cfg["model_dir"], lr=1e-3)
+    trainer.fit(module, train_dataloaders=loader(batch_size=2, rank=rank, world_size=2))
+    full = trainer.strategy.full_module_context
+    with full():
+        head = module.model.lm_head.weight
+        head = head.full_tensor() if hasattr(head, "full_tensor") else head
+        head_sum = int(tensor_checksum(head.detach().float()))
+        head_shape = list(head.shape)
+    return {"losses": record.losses, "head_sum": head_sum, "head_shape": head_shape,
+            "adapters": full_adapter_sums(trainer, module)}  # fmt: skip
+
+
 def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
     """Packed NF4 bytes viewed as bf16 (every bit pattern, NaNs included) through gloo collectives and FSDP2."""
     import torch.distributed as dist
@@ -410,6 +432,7 @@ SCENARIOS = {
     "ddp_preference": run_ddp_preference,
     "fsdp_preference": run_fsdp_preference,
     "fsdp2_preference": run_fsdp2_preference,
+    "fsdp2_modules": run_fsdp2_modules,
     "fsdp": run_fsdp,
     "fsdp2": run_fsdp2,
     "collectives": run_collectives,

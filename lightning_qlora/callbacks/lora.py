@@ -25,7 +25,7 @@ from lightning_qlora.lora.experts import inject_expert_lora
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules, mark_only_lora_trainable
 from lightning_qlora.lora.loftq import checkpoint_tensors, loftq_init_model
 from lightning_qlora.lora.peft_format import export_peft
-from lightning_qlora.lora.peft_modules import saved_modules_layout
+from lightning_qlora.lora.peft_modules import SavedModules, saved_modules, saved_modules_layout
 from lightning_qlora.models.checkpointing import CheckpointMode, checkpoint_kwargs, enable_gradient_checkpointing
 from lightning_qlora.models.compilation import compile_blocks, graph_break_counts, graph_break_report
 from lightning_qlora.models.sources import safetensors_files
@@ -216,15 +216,16 @@ class LoRA(Callback):
             if target is None or not keep_existing_output(trainer, target, "LoRA adapter", overwrite, steps):
                 full = getattr(trainer.strategy, "full_module_context", None)  # sharded strategies gather adapters
                 with full() if full is not None else contextlib.nullcontext():
-                    self._export(pl_module)
+                    saved = saved_modules(model_root(pl_module))  # trained modules: gathered on every rank
+                    self._export(pl_module, saved)
         trainer.strategy.barrier("lora_export")
 
     @rank_zero_only
-    def _export(self, pl_module: pl.LightningModule) -> None:
+    def _export(self, pl_module: pl.LightningModule, saved: SavedModules) -> None:
         root = model_root(pl_module)
         name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
         try:
-            path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name)
+            path = export_peft(root, Path(self.export_dir), self.config, base_model_name_or_path=name, saved=saved)
         except Exception as err:  # safetensors wraps ENOSPC in its own error
             if not is_disk_full(err):
                 raise

@@ -34,7 +34,13 @@ from lightning_qlora.lora.layer import (
     lora_modules,
     lora_scaling,
 )
-from lightning_qlora.lora.peft_modules import TIE_KEY, load_saved_modules, plan_saved_modules, saved_modules
+from lightning_qlora.lora.peft_modules import (
+    TIE_KEY,
+    SavedModules,
+    load_saved_modules,
+    plan_saved_modules,
+    saved_modules,
+)
 from lightning_qlora.quantization.experts import is_experts_module
 from lightning_qlora.quantization.nf4 import is_4bit_linear
 from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, linear_shape
@@ -96,6 +102,7 @@ def export_peft(
     config: LoRAConfig,
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
+    saved: SavedModules | None = None,
 ) -> Path:
     """Write ``model``'s adapters as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads.
 
@@ -114,6 +121,8 @@ def export_peft(
         config: the LoRA settings the model was injected with (dropout, rsLoRA).
         base_model_name_or_path: recorded for ``PeftModel``/``AutoPeftModel``; default: ``model.config._name_or_path``.
         task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...) or None.
+        saved: the trained modules, from :func:`~lightning_qlora.lora.peft_modules.saved_modules` (default: read
+            here; a sharded model gathers them on every rank first and passes them to the rank that writes).
 
     Returns:
         The adapter directory.
@@ -127,7 +136,7 @@ def export_peft(
     expert_tensors, target_parameters = peft_expert_tensors(model)
     if not layers and not expert_tensors:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to export; call inject_lora(model, config) first")
-    saved = saved_modules(model)
+    saved = saved_modules(model) if saved is None else saved
     tensors: dict[str, torch.Tensor] = {PEFT_PREFIX + k: v for k, v in expert_tensors.items()}
     tensors.update({PEFT_PREFIX + k: v for k, v in saved.tensors.items()})
     shapes: dict[str, tuple[int, float]] = {}

@@ -203,6 +203,7 @@ def saved_modules(model: nn.Module) -> SavedModules:
     Trained means: parameters that require grad outside the LoRA layers, in a model whose base is frozen (as the LoRA
     callback leaves it with ``trainable_modules``, and :func:`~lightning_qlora.lora.loading.load_adapter` after
     loading such an adapter). The largest modules wholly trained are kept, with every tensor of their state dict.
+    Tensors sharded by FSDP2 (``DTensor``) are all-gathered: on a sharded model call this on every rank.
 
     Raises:
         ValueError: one line, for what PEFT cannot represent: a trained tensor inside a LoRA layer or beside frozen
@@ -215,8 +216,12 @@ def saved_modules(model: nn.Module) -> SavedModules:
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for module in modules:
-        for key, value in model.get_submodule(module).state_dict().items():
-            value = value.detach()
+        sub = model.get_submodule(module)
+        for key in sub.state_dict():
+            owner, _, leaf = key.rpartition(".")
+            value = getattr(sub.get_submodule(owner) if owner else sub, leaf).detach()
+            if hasattr(value, "full_tensor"):  # an FSDP2 shard (DTensor): all-gathered, a collective
+                value = value.full_tensor()
             copy = value.data_ptr() in seen or value.device.type != "cpu"
             seen.add(value.data_ptr())
             tensors[f"{module}.{key}"] = (value.to("cpu", copy=True) if copy else value).contiguous()

@@ -340,14 +340,12 @@ def run_fsdp2(cfg: dict, out: Path, rank: int) -> dict:
     return run_sharded(cfg, out, rank, "fsdp2", QLoRAFSDP2Strategy)
 
 
-def run_fsdp2_modules(cfg: dict, out: Path, rank: int) -> dict:
-    """FSDP2 with a trained head (``trainable_modules``): the PEFT export holds the gathered head, as peft's
+def run_sharded_modules(cfg: dict, out: Path, rank: int, name: str, strategy: pl.strategies.Strategy) -> dict:
+    """A sharded run with a trained head (``trainable_modules``): the PEFT export holds the gathered head, as peft's
     ``modules_to_save``, next to the gathered adapters."""
-    from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
-
     record = Record(seed=100)
-    lora = LoRA(r=8, alpha=16, dropout=0.0, trainable_modules=["lm_head"], export_dir=str(out / "fsdp2_modules_peft"))
-    kwargs = trainer_kwargs(out, strategy=QLoRAFSDP2Strategy(), plugins=[NF4Precision(quant_storage="auto")],
+    lora = LoRA(r=8, alpha=16, dropout=0.0, trainable_modules=["lm_head"], export_dir=str(out / f"{name}_peft"))
+    kwargs = trainer_kwargs(out, strategy=strategy, plugins=[NF4Precision(quant_storage="auto")],
                             callbacks=[lora, record])  # fmt: skip
     trainer = pl.Trainer(**kwargs, enable_checkpointing=False)
     module = CausalLM(model=cfg["model_dir"], lr=1e-3)
@@ -360,6 +358,18 @@ def run_fsdp2_modules(cfg: dict, out: Path, rank: int) -> dict:
         head_shape = list(head.shape)
     return {"losses": record.losses, "head_sum": head_sum, "head_shape": head_shape,
             "adapters": full_adapter_sums(trainer, module)}  # fmt: skip
+
+
+def run_fsdp_modules(cfg: dict, out: Path, rank: int) -> dict:
+    from lightning_qlora.strategies.fsdp import QLoRAFSDPStrategy
+
+    return run_sharded_modules(cfg, out, rank, "fsdp_modules", QLoRAFSDPStrategy())
+
+
+def run_fsdp2_modules(cfg: dict, out: Path, rank: int) -> dict:
+    from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
+
+    return run_sharded_modules(cfg, out, rank, "fsdp2_modules", QLoRAFSDP2Strategy())
 
 
 def run_collectives(cfg: dict, out: Path, rank: int) -> dict:
@@ -432,6 +442,7 @@ SCENARIOS = {
     "ddp_preference": run_ddp_preference,
     "fsdp_preference": run_fsdp_preference,
     "fsdp2_preference": run_fsdp2_preference,
+    "fsdp_modules": run_fsdp_modules,
     "fsdp2_modules": run_fsdp2_modules,
     "fsdp": run_fsdp,
     "fsdp2": run_fsdp2,

@@ -32,7 +32,7 @@ from lightning_qlora.utils.dtypes import to_dtype
 
 WORKER = Path(__file__).parents[1] / "distributed_worker.py"
 SCENARIOS = ["collectives", "ddp", "ddp_compiled", "ddp_preference", "fsdp", "fsdp2", "fsdp_preference",
-             "fsdp2_preference", "fsdp2_modules"]
+             "fsdp2_preference", "fsdp_modules", "fsdp2_modules"]
 LOSS_REL = 1e-3  # bf16 autocast (where native): the same math batched differently rounds differently (seen: 3e-4)
 
 
@@ -213,12 +213,13 @@ def test_sharded_preference_scores_each_ranks_pairs_and_trains_like_one_process(
         assert r["logged"]["val_loss"] == pytest.approx(expected["loss"], rel=LOSS_REL)
 
 
-def test_fsdp2_export_holds_the_gathered_trained_head_as_modules_to_save(runs):
+@pytest.mark.parametrize("scenario", ["fsdp_modules", "fsdp2_modules"])
+def test_sharded_export_holds_the_gathered_trained_head_as_modules_to_save(runs, scenario):
     from safetensors.torch import load_file
 
-    r0, r1 = runs["fsdp2_modules", 0], runs["fsdp2_modules", 1]
+    r0, r1 = runs[scenario, 0], runs[scenario, 1]
     assert r0["head_sum"] == r1["head_sum"] and r0["adapters"] == r1["adapters"] and r0["losses"] == r1["losses"]
-    tensors = load_file(runs["out"] / "fsdp2_modules_peft" / "adapter_model.safetensors")
+    tensors = load_file(runs["out"] / f"{scenario}_peft" / "adapter_model.safetensors")
     head = [k for k in tensors if "lm_head" in k]
     assert head == ["base_model.model.lm_head.modules_to_save.weight"] or head == ["base_model.model.lm_head.weight"]
     assert list(tensors[head[0]].shape) == r0["head_shape"]  # the full head, not rank 0's shard

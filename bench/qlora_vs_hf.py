@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "no checkpointing in either stack",
     )
     parser.add_argument(
+        "--checkpoint-every", type=int, default=1, metavar="N",
+        help="ours checkpoints one decoder block in N (fewer recomputes, more memory; the anchor: every block)",
+    )  # fmt: skip
+    parser.add_argument(
         "--keep-models",
         action="store_true",
         help="keep the random checkpoints in --workdir and reuse them in later runs (same preset, layers, seed, init)",
@@ -239,7 +243,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         + (
             "no gradient checkpointing; "
             if args.checkpoint_mode == "none"
-            else f"gradient checkpointing (ours: {args.checkpoint_mode}); "
+            else f"gradient checkpointing (ours: {args.checkpoint_mode}"
+            + (f", one block in {args.checkpoint_every}" if args.checkpoint_every > 1 else "")
+            + "); "
         )
         + f"{'PagedAdamW32bit' if args.device == 'cuda' else 'AdamW32bit (paged needs CUDA)'} lr {LR:g}; "
         "labels = input_ids",
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         repeat=max(1, args.repeat),
         lora_dropout=args.lora_dropout,
         checkpoint_mode=args.checkpoint_mode,
+        checkpoint_every_n_layers=args.checkpoint_every,
         compute_dtype=args.compute_dtype,
         compile_backend=args.compile_backend,
         keep_models=args.keep_models,

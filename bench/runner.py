@@ -98,6 +98,7 @@ def run_bench(
     repeat: int = 1,
     lora_dropout: float = 0.05,
     checkpoint_mode: str = "full",
+    checkpoint_every_n_layers: int = 1,
     compute_dtype: str = "bf16",
     compile_backend: str = "inductor",
     log: Any = print,
@@ -124,6 +125,7 @@ def run_bench(
         lora_dropout: adapter dropout of both stacks.
         checkpoint_mode: ours' activation checkpointing, ``full`` (as the anchor's) or ``selective``; ``none``
             turns checkpointing off in both stacks.
+        checkpoint_every_n_layers: ours checkpoints one block in this many (the anchor every block).
         compute_dtype: both stacks' compute dtype, ``bf16`` (the anchor script's) or ``fp32`` (fast on CPUs that
             only emulate bf16).
         compile_backend: ``ours-compiled``'s ``torch.compile`` backend (``inductor``; ``aot_eager`` captures the
@@ -165,6 +167,7 @@ def run_bench(
                 w.n_params = n
                 w.lora_dropout = lora_dropout
                 w.checkpoint_mode = checkpoint_mode
+                w.checkpoint_every_n_layers = checkpoint_every_n_layers
                 w.compute_dtype = compute_dtype
                 w.compile_backend = compile_backend
                 runs: dict[str, list[Row]] = {}

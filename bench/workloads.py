@@ -98,6 +98,9 @@ class Workload:
     checkpoint_mode: str = "full"
     """Ours: ``LoRA(checkpoint_mode=...)``, ``full`` (as the anchor) or ``selective`` (attention kept, not redone);
     ``none``: no gradient checkpointing in either stack."""
+    checkpoint_every_n_layers: int = 1
+    """Ours: checkpoint one decoder block in this many (``LoRA(checkpoint_every_n_layers=...)``); the anchor keeps
+    transformers' checkpointing of every block. More than 1 trades memory for speed (compare the peaks)."""
     compute_dtype: str = "bf16"
     """Both stacks: dequantization, autocast and unquantized weights; ``bf16`` as the anchor script, or ``fp32``."""
     compile_backend: str = "inductor"

@@ -233,3 +233,22 @@ def test_gpu_check_dry_run_records_every_part_and_prints_the_summary(tmp_path):
     # what the device brings back: at most 8 files, plain names
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
+
+
+def test_checkpoint_every_reaches_ours_lora_callback(bench, tmp_path, monkeypatch):
+    """``--checkpoint-every 2``: ours' LoRA callback checkpoints one block in two (the anchor keeps every block)."""
+    import lightning_qlora
+
+    seen = []
+    original = lightning_qlora.LoRA.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("checkpoint_every_n_layers"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lightning_qlora.LoRA, "__init__", spy)
+    (row,) = bench.run_bench(
+        preset="micro", device="cpu", stacks=("ours",), isolate=False, workdir=tmp_path, steps=1, warmup=0,
+        compute_dtype="fp32", log=lambda _: None, checkpoint_every_n_layers=2,
+    )  # fmt: skip
+    assert seen == [2] and row.extra["gradient_checkpointing"] and row.extra["checkpoint_every_n_layers"] == 2

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from torch.utils.data import DataLoader
 
 from lightning_qlora.callbacks.prediction_writer import JSONLPredictionWriter
+from lightning_qlora.callbacks.progress import QuietLightningInternals
 from lightning_qlora.cli.inference import Inference, InferenceCLI
 from lightning_qlora.data.inference_prompts import read_prompt_rows
 from lightning_qlora.models.generation import PromptCollator
@@ -88,7 +89,12 @@ def generate_command(args: list[str], parser_class: type[LightningArgumentParser
     )
     trainer = inference.trainer
     trainer.callbacks.append(writer)
-    trainer.predict(inference.module, dataloaders=loader, return_predictions=False)
+    quiet = QuietLightningInternals()  # Lightning's own deprecation warnings, which no user can act on
+    quiet.enter()
+    try:
+        trainer.predict(inference.module, dataloaders=loader, return_predictions=False)
+    finally:
+        quiet.exit()
     print(f"lightning-qlora generate: wrote {writer.rows_written} predictions to {writer.path}", file=sys.stderr)
 
 

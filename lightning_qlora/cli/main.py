@@ -37,7 +37,7 @@ class QLoRATrainer(pl.Trainer):
         self,
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule | None = None,
-        tasks: list[str] | None = None,
+        tasks: list[str] | str | None = None,
         num_fewshot: int | None = None,
         limit: float | None = None,
         batch_size: int = 8,
@@ -52,7 +52,8 @@ class QLoRATrainer(pl.Trainer):
         Args:
             model: the LightningModule (its ``.model``/``.tokenizer`` are evaluated).
             datamodule: optional; its validation set also runs (held-out loss).
-            tasks: lm-eval task or group names (default ``["mmlu"]``).
+            tasks: lm-eval task or group names (default ``["mmlu"]``): a list, or one comma-separated string as
+                lm-eval's own ``--tasks mmlu,hellaswag``.
             num_fewshot: few-shot examples per task (MMLU in the paper: 5).
             limit: examples per task (int) or fraction (float < 1), for quick checks.
             batch_size: lm-eval batch size.
@@ -65,6 +66,8 @@ class QLoRATrainer(pl.Trainer):
         Returns:
             lm-eval's results dict.
         """
+        if isinstance(tasks, str):
+            tasks = [name.strip() for name in tasks.split(",") if name.strip()]
         runner = _EvaluateOnValidationStart(
             tasks=tasks or ["mmlu"],
             num_fewshot=num_fewshot,

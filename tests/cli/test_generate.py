@@ -2,8 +2,8 @@
 merged weights; adapters from PEFT folders and Lightning checkpoints; outputs replaced whole or kept."""
 
 import json
-import warnings
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import pytest

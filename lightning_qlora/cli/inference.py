@@ -75,6 +75,10 @@ def load_for_inference(
     loaded = load_adapter(module, adapter, trainer) if adapter is not None else "no adapter"
     module.eval()
     module.requires_grad_(False)
+    if trainer.strategy.root_device.type == "cpu":
+        from lightning_qlora.quantization.nf4_linear import use_cpu_inference_kernel
+
+        use_cpu_inference_kernel(module)  # AVX512-BF16 CPUs, bf16 compute: bitsandbytes' fused 4-bit kernel
     return loaded
 
 

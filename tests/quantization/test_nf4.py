@@ -444,3 +444,34 @@ def test_dequantize_codes_writes_the_compute_dtype_directly_as_bitsandbytes_no_g
     assert state.dtype == torch.bfloat16  # the layer's state is left as it was
     assert torch.equal(dequantize_codes(codes, state, torch.bfloat16), dequantize_4bit(codes, state))
     assert torch.equal(dequantize_codes(codes, state, torch.float64), fp32.double())
+
+
+def test_inference_only_models_use_bitsandbytes_cpu_kernel_where_the_cpu_has_it():
+    """``use_cpu_inference_kernel``: bf16 layers of an eval model on an AVX512-BF16 CPU use bitsandbytes' fused
+    kernel (repacked once); anything that needs the codes restores them silently; other CPUs are left alone."""
+    from lightning_qlora.quantization.nf4_linear import use_cpu_inference_kernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 192), nn.Linear(192, 64))
+    quantize_model(model, QuantizationConfig(compute_dtype=torch.bfloat16))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert use_cpu_inference_kernel(model) == 0  # train mode: never
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).float()
+    switched = use_cpu_inference_kernel(model)
+    if not bnb.functional.has_avx512bf16():
+        assert switched == 0
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes has no fused CPU kernel here (nothing changes)")
+    codes = model[0].weight.data.clone()
+    assert switched == 2
+    with torch.no_grad():
+        got = model(x).float()
+    assert getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)  # its own layout now
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)  # bf16 absmax and accumulation order
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # restoring a layer repacked on purpose is silent
+        reference = dequantize_weight(model[0])
+    assert torch.equal(model[0].weight.data, codes) and reference.shape == (192, 128)
+    with torch.no_grad():  # and the next inference forward repacks again
+        torch.testing.assert_close(model(x).float(), got)

@@ -216,12 +216,13 @@ class LoRA(Callback):
             if target is None or not keep_existing_output(trainer, target, "LoRA adapter", overwrite, steps):
                 full = getattr(trainer.strategy, "full_module_context", None)  # sharded strategies gather adapters
                 with full() if full is not None else contextlib.nullcontext():
-                    saved = saved_modules(model_root(pl_module))  # trained modules: gathered on every rank
+                    # sharded: trained modules are gathered on every rank (a collective); otherwise rank 0 reads them
+                    saved = saved_modules(model_root(pl_module)) if full is not None else None
                     self._export(pl_module, saved)
         trainer.strategy.barrier("lora_export")
 
     @rank_zero_only
-    def _export(self, pl_module: pl.LightningModule, saved: SavedModules) -> None:
+    def _export(self, pl_module: pl.LightningModule, saved: SavedModules | None) -> None:
         root = model_root(pl_module)
         name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
         try:

@@ -56,7 +56,7 @@ def _dequantized(weight: torch.Tensor, spec: FusedLoRASpec) -> torch.Tensor:
     return dequantize_codes(weight, spec.quant_state, spec.base_dtype)
 
 
-_UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
+_UNPACK_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
 _PACK_MAGIC = 0x0102040810204080  # byte i of a word (0 or 1) lands on bit 56 + i of word · magic, without carries
 
@@ -81,16 +81,21 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if torch.compiler.is_compiling():  # shifts fuse into one kernel; the cached table below would break the graph
         bits = packed.unsqueeze(1).bitwise_right_shift(_BIT_POSITIONS.to(packed.device)).bitwise_and_(1)
         return bits.view(-1)[: shape.numel()].view(shape).bool()
-    table = _UNPACK_TABLES.get(packed.device)
+    return _lookup_bits(packed, shape, torch.bool)
+
+
+def _lookup_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Each byte's 8 bits from a cached 256 × 8 table: ``True``/``False`` for bool, all ones (-1) / 0 for integers."""
+    table = _UNPACK_TABLES.get((packed.device, dtype))
     if table is None:
         bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
         table = torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(1).bitwise_and(bits).ne(0)
-        _UNPACK_TABLES[packed.device] = table
+        table = table if dtype == torch.bool else table.to(dtype).neg_()  # True -> -1: every bit set
+        _UNPACK_TABLES[(packed.device, dtype)] = table
     return table.index_select(0, packed.long()).view(-1)[: shape.numel()].view(shape)
 
 
 _SAME_WIDTH_INTS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-_BITMASK_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def keep_mask_for(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -103,12 +108,7 @@ def keep_mask_for(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -
     int_dtype = _SAME_WIDTH_INTS.get(dtype)
     if int_dtype is None or torch.compiler.is_compiling():
         return unpack_mask(packed, shape)
-    table = _BITMASK_TABLES.get((packed.device, int_dtype))
-    if table is None:
-        table = unpack_mask(torch.arange(256, dtype=torch.uint8, device=packed.device), torch.Size((256, 8)))
-        table = table.to(int_dtype).neg_()  # True -> -1: every bit set
-        _BITMASK_TABLES[(packed.device, int_dtype)] = table
-    return table.index_select(0, packed.long()).view(-1)[: shape.numel()].view(shape)
+    return _lookup_bits(packed, shape, int_dtype)
 
 
 def apply_keep(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -63,8 +63,8 @@ class LoRA(Callback):
             seconds). Single device and DDP; refused under the FSDP strategies.
         compile_kwargs: passed to ``torch.compile`` for each block (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``,
             ``{"dynamic": False}``, ``{"backend": "aot_eager"}`` to check graph capture without code generation).
-        fused: train through the fused LoRA autograd function (saves only ``x`` and ``x·Aᵀ``; see
-            :class:`~lightning_qlora.lora.function.LoRALinearFunction`); False uses the plain composition.
+        fused: train through the fused LoRA autograd functions (save only ``x`` and ``x·Aᵀ``; see
+            :func:`~lightning_qlora.lora.function.fused_lora_linear`); False uses the plain composition.
         adapter_only_checkpoints: save only trainable tensors in Lightning checkpoints (written atomically and loaded
             with ``weights_only=True``: Lightning's default checkpoint IO is swapped for ``AtomicCheckpointIO``).
         export_dir: if set, write a PEFT adapter (``adapter_config.json`` + safetensors) here at the end of fit.

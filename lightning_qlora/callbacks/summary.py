@@ -182,9 +182,7 @@ class RunSummary(Callback):
         print("\n".join(lines), flush=True)
 
 
-def plan_for_run(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: tuple[int, int]
-) -> MemoryPlan | None:
+def plan_for_run(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_shape: tuple[int, int]) -> MemoryPlan | None:
     """The planner's prediction for a (running) fit: model config, LoRA callback, precision plugin, strategy.
 
     A :class:`~lightning_qlora.PreferenceLM` is planned as its objective's step (``preference=method``: sequence

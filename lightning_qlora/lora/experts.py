@@ -97,7 +97,8 @@ def inject_expert_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     if unsupported:  # full-precision experts outside transformers' experts interface: the rest still trains
         warnings.warn(
             f"LoRA: no adapters on {len(unsupported)} experts modules that transformers does not dispatch through "
-            f"its experts interface (e.g. {unsupported[0]}); their experts stay frozen", stacklevel=2
+            f"its experts interface (e.g. {unsupported[0]}); their experts stay frozen",
+            stacklevel=2,
         )
     for name, module in expert_stacks(model, skip=config.exclude_modules, strict=False):
         adapters = getattr(module, "lora_experts", None)

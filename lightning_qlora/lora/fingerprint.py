@@ -44,8 +44,8 @@ def _logical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
         if name in four_bit or is_lora_parameter(name):
             continue
         state = getattr(param, "quant_state", None)  # a 4-bit expert stack: its logical 3-D shape
-        shapes[name] = tuple(state.shape) if isinstance(param, bnb.nn.Params4bit) and state is not None else tuple(
-            param.shape
+        shapes[name] = (
+            tuple(state.shape) if isinstance(param, bnb.nn.Params4bit) and state is not None else tuple(param.shape)
         )
     return {k.replace(".base_layer.", "."): v for k, v in shapes.items()}
 

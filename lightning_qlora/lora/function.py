@@ -1,7 +1,9 @@
-"""Fused LoRA linear: one autograd function for ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` over a frozen base.
+"""Fused LoRA linear: two autograd nodes for ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` over a frozen base.
 
-The base weight ``W0`` is either a bitsandbytes 4-bit ``Params4bit`` (dequantized on the fly, in forward and again in
-backward, never kept) or a frozen full-precision ``nn.Linear`` weight. Backward needs only ``x`` (the input in the
+:class:`LoRAUpdateFunction` computes the adapter branch ``u`` first and keeps what its backward needs;
+:class:`LoRALinearFunction` then computes ``x·W0ᵀ + b + u`` in one matmul and keeps nothing. The base weight
+``W0`` is either a bitsandbytes 4-bit ``Params4bit`` (dequantized on the fly, in forward and again in backward,
+never kept) or a frozen full-precision ``nn.Linear`` weight. Backward needs only ``x`` (the input in the
 adapter's compute dtype, the input tensor itself when the dtypes agree) and the small ``x·Aᵀ`` (tokens × r):
 
 * ``grad_x = g·W0 + s·((g·B)·A) ⊙ mask/(1-p)``, with ``W0`` dequantized again;
@@ -47,6 +49,11 @@ class FusedLoRASpec:
     """Dtype of the result (what the plain path returns)."""
     quant_state: Any = None
     """bitsandbytes ``QuantState`` of a 4-bit base; ``None`` for a plain weight."""
+
+    @property
+    def update_dtype(self) -> torch.dtype:
+        """Dtype of the adapter branch's result: the adapter's when the base computes in it, else the output's."""
+        return self.lora_dtype if self.lora_dtype == self.base_dtype else self.out_dtype
 
 
 def _dequantized(weight: torch.Tensor, spec: FusedLoRASpec) -> torch.Tensor:
@@ -173,8 +180,90 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, floa
     return dropped, keep, scale
 
 
+def packed_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`dropout` with the keep mask as :func:`pack_mask` bits: on CPU set straight from the dropped positions.
+
+    Raises:
+        ValueError: if ``p`` is not in ``[0, 1)``.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 <= p < 1:
+        dropped, keep, scale = dropout(x, p)
+        return dropped, pack_mask(keep), scale
+    n = x.numel()
+    positions = dropped_positions(n, p)
+    dropped = torch.mul(x, 1.0 / (1.0 - p)).contiguous()
+    dropped.view(-1).index_fill_(0, positions, 0)
+    bits = torch.zeros((n + 7) // 8, dtype=torch.uint8)  # dropped bits: distinct powers of two, so adding is OR
+    bits.index_add_(0, positions.bitwise_right_shift(3), torch.bitwise_left_shift(1, positions.bitwise_and(7)).byte())
+    bits.bitwise_not_()
+    if n % 8:
+        bits[-1] &= (1 << (n % 8)) - 1  # padding bits 0, as pack_mask leaves them
+    return dropped, bits, 1.0 / (1.0 - p)
+
+
+class LoRAUpdateFunction(torch.autograd.Function):
+    """The adapter branch ``u = s·(drop(x)·Aᵀ)·Bᵀ``; keeps ``x``, ``s·x·Aᵀ`` and the packed mask for backward.
+
+    A node of its own, run before the base matmul (:class:`LoRALinearFunction`, which keeps nothing): in a
+    checkpointed block it is the last node that keeps tensors, so torch's recompute stops right after it and never
+    redoes the block's final base matmul (``down_proj``'s), whose output backward does not need.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, spec: FusedLoRASpec
+    ) -> torch.Tensor:
+        """Compute ``u`` in ``spec.update_dtype``, shaped ``(*x.shape[:-1], out_features)``."""
+        with torch.autocast(x.device.type, enabled=False):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            packed, keep_scale = None, 1.0
+            if spec.dropout > 0:
+                dropped, packed, keep_scale = packed_dropout(x2, spec.dropout)
+                dropped = dropped.to(spec.lora_dtype)
+            else:
+                dropped = x2.to(spec.lora_dtype)
+            a = lora_A.to(spec.lora_dtype)
+            b = lora_B.to(spec.lora_dtype)
+            xs = torch.mm(dropped, a.t()).mul_(spec.scaling)  # (tokens, r): the only adapter activation kept
+            del dropped
+            update = torch.mm(xs, b.t()).to(spec.update_dtype).view(*shape[:-1], b.shape[0])
+        ctx.save_for_backward(x2.to(spec.lora_dtype), xs, lora_A, lora_B, packed)  # x itself when dtypes agree
+        ctx.spec = spec
+        ctx.keep_scale = keep_scale
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = shape
+        return update
+
+    @staticmethod
+    def backward(ctx: Any, grad_update: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for ``x`` (the adapter's share), ``A`` and ``B``."""
+        x_saved, xs, lora_A, lora_B, packed = ctx.saved_tensors
+        spec: FusedLoRASpec = ctx.spec
+        need_x, need_a, need_b, _ = ctx.needs_input_grad
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(grad_update.device.type, enabled=False):
+            g = grad_update.reshape(-1, grad_update.shape[-1]).to(spec.lora_dtype)
+            if need_b:
+                grad_b = torch.mm(g.t(), xs).to(lora_B.dtype)  # s·gᵀ·(drop(x)·Aᵀ)
+            if need_x or need_a:
+                # s·g·B (tokens, r); with dropout also the 1/(1-p) of the kept elements, folded in while it is small
+                gb = torch.mm(g, lora_B.to(spec.lora_dtype)).mul_(spec.scaling * ctx.keep_scale)
+                keep = None if packed is None else keep_mask_for(packed, x_saved.shape, x_saved.dtype)
+                if need_a:
+                    dropped = x_saved if keep is None else apply_keep(x_saved, keep)
+                    grad_a = torch.mm(gb.t(), dropped).to(lora_A.dtype)
+                    del dropped
+                if need_x:
+                    gx = torch.mm(gb, lora_A.to(spec.lora_dtype))
+                    if keep is not None:
+                        gx = apply_keep(gx, keep, inplace=True)
+                    grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
+        return grad_x, grad_a, grad_b, None
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd function for a frozen linear + LoRA update; see the module docstring for the math."""
+    """``x·W0ᵀ + b + u`` over the frozen base (``u`` from :class:`LoRAUpdateFunction`); keeps no tensor."""
 
     @staticmethod
     def forward(
@@ -182,92 +271,56 @@ class LoRALinearFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
+        update: torch.Tensor,
         spec: FusedLoRASpec,
     ) -> torch.Tensor:
-        """Compute ``x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``; ``weight`` is packed codes when ``spec.quant_state`` is set."""
+        """``weight`` is packed codes when ``spec.quant_state`` is set (dequantized here and again in backward)."""
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
-            x2 = x.reshape(-1, shape[-1])
-            packed, keep_scale = None, 1.0
-            if spec.dropout > 0:
-                dropped, keep, keep_scale = dropout(x2, spec.dropout)
-                packed = pack_mask(keep)
-                del keep
-                dropped = dropped.to(spec.lora_dtype)
-            else:
-                dropped = x2.to(spec.lora_dtype)
-            a = lora_A.to(spec.lora_dtype)
-            b = lora_B.to(spec.lora_dtype)
-            xa = dropped @ a.t()  # (tokens, r): the only adapter activation backward keeps
+            x2 = x.reshape(-1, shape[-1]).to(spec.base_dtype)
             w0 = _dequantized(weight, spec)
-            # the output is allocated in x's shape and filled through a 2-D view, so it is never itself a view:
-            # callers may modify it in place (Falcon, RoCBERT do)
-            base = x2.new_empty((*shape[:-1], w0.shape[0]), dtype=spec.base_dtype)
-            flat = base.view(-1, w0.shape[0])
-            if bias is None:
-                torch.mm(x2.to(spec.base_dtype), w0.t(), out=flat)
+            u = update.reshape(-1, w0.shape[0])
+            # allocated in x's shape and filled through a 2-D view, so the result is never itself a view: callers
+            # may modify it in place (Falcon, RoCBERT do)
+            out = x2.new_empty((*shape[:-1], w0.shape[0]), dtype=spec.base_dtype)
+            flat = out.view(-1, w0.shape[0])
+            if u.dtype == spec.base_dtype:  # u + x·W0ᵀ in one matmul
+                torch.addmm(u, x2, w0.t(), out=flat)
+                if bias is not None:
+                    flat.add_(bias.to(spec.base_dtype))
             else:
-                torch.addmm(bias.to(spec.base_dtype), x2.to(spec.base_dtype), w0.t(), out=flat)
+                if bias is None:
+                    torch.mm(x2, w0.t(), out=flat)
+                else:
+                    torch.addmm(bias.to(spec.base_dtype), x2, w0.t(), out=flat)
+                out = out.to(spec.out_dtype).add_(update)
             del w0
-            if base.dtype == spec.lora_dtype:  # base + s·(x·Aᵀ)·Bᵀ without an extra copy
-                flat.addmm_(xa, b.t(), alpha=spec.scaling)
-                out = base
-            else:
-                update = (torch.mm(xa, b.t()) * spec.scaling).to(spec.out_dtype)
-                out = base.to(spec.out_dtype) + update.view(base.shape)
             out = out.to(spec.out_dtype)
-            del dropped
-        x_saved = x2.to(spec.lora_dtype)  # the input itself when the dtypes agree: no copy
-        ctx.save_for_backward(x_saved, xa, lora_A, lora_B, packed)
         ctx.weight = weight  # a frozen parameter: no activation memory, and not recomputed by checkpointing
         ctx.spec = spec
-        ctx.keep_scale = keep_scale
         ctx.x_dtype = x.dtype
-        ctx.bias_meta = None if bias is None else (bias.dtype, bias.requires_grad)
         ctx.x_shape = shape
+        ctx.update_dtype = update.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients for ``x``, ``bias`` (if it trains), ``A`` and ``B``; none for ``W0``."""
-        x_saved, xa, lora_A, lora_B, packed = ctx.saved_tensors
+        """``grad_x = g·W0`` (``W0`` dequantized again), ``g`` for ``u``, ``Σ g`` for a bias that trains."""
         spec: FusedLoRASpec = ctx.spec
-        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        grad_x = grad_bias = grad_a = grad_b = None
+        need_x, _, need_bias, need_update, _ = ctx.needs_input_grad
+        grad_x = grad_bias = grad_update = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1])
-            g_lora = g.to(spec.lora_dtype)
-            a = lora_A.to(spec.lora_dtype)
-            b = lora_B.to(spec.lora_dtype)
-            gb = None
-            if need_x or need_a:
-                # s·g·B (tokens, r); with dropout also the 1/(1-p) of the kept elements, folded in while it is small
-                scale = spec.scaling * ctx.keep_scale
-                gb = torch.mm(g_lora, b).mul_(scale)
-            keep = None if packed is None else keep_mask_for(packed, x_saved.shape, x_saved.dtype)  # forward's mask
-            if need_b:
-                grad_b = torch.mm(g_lora.t(), xa).mul_(spec.scaling).to(lora_B.dtype)
-            if need_a:
-                dropped = x_saved if keep is None else apply_keep(x_saved, keep)
-                grad_a = torch.mm(gb.t(), dropped).to(lora_A.dtype)
-                del dropped
             if need_x:
                 w0 = _dequantized(ctx.weight, spec)
-                gx = torch.mm(g.to(spec.base_dtype), w0)
+                grad_x = torch.mm(g.to(spec.base_dtype), w0).to(ctx.x_dtype).reshape(ctx.x_shape)
                 del w0
-                if keep is None and gx.dtype == spec.lora_dtype:
-                    gx.addmm_(gb, a)
-                else:
-                    lora_gx = torch.mm(gb, a)
-                    if keep is not None:
-                        lora_gx = apply_keep(lora_gx, keep, inplace=True)
-                    gx = gx.to(ctx.x_dtype).add_(lora_gx.to(ctx.x_dtype))
-                grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
+            if need_update:
+                grad_update = grad_out.to(ctx.update_dtype)
             if need_bias:
-                grad_bias = g.sum(0).to(ctx.bias_meta[0])
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+                grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_update, None
 
 
 def _nf4_forward() -> Any:
@@ -347,12 +400,14 @@ def fused_lora_linear(
         lora_dtype = lora_A.dtype
         out_dtype = x.dtype
     spec = FusedLoRASpec(scaling, dropout, base_dtype, lora_dtype, out_dtype, quant_state)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, spec)
+    update = LoRAUpdateFunction.apply(x, lora_A, lora_B, spec)
+    return LoRALinearFunction.apply(x, weight, bias, update, spec)
 
 
 __all__ = [
     "FusedLoRASpec",
     "LoRALinearFunction",
+    "LoRAUpdateFunction",
     "dropout",
     "fused_base_weight",
     "fused_lora_linear",

@@ -55,8 +55,8 @@ class LoRAConfig:
     head_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
     """Output-head names that ``"all-linear"`` leaves out (tied heads are left out too)."""
     fused: bool = True
-    """Train through :class:`~lightning_qlora.lora.function.LoRALinearFunction` (one autograd node per layer that
-    keeps only ``x``, ``x·Aᵀ`` and a bit-packed dropout mask, and re-dequantizes ``W0`` in backward) while gradients
+    """Train through :mod:`lightning_qlora.lora.function`'s fused nodes (per layer, they keep only ``x``, ``x·Aᵀ``
+    and a bit-packed dropout mask, and re-dequantize ``W0`` in backward) while gradients
     are on and the base is a 4-bit or frozen plain linear; ``False`` always uses the plain composition of the base
     layer, dropout and two ``F.linear`` calls."""
     init: str = "zeros"
@@ -93,8 +93,9 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen linear layer (plain or 4-bit) plus a trainable low-rank update.
 
-    While gradients are on, the forward runs :class:`~lightning_qlora.lora.function.LoRALinearFunction` (base matmul
-    and update in one autograd node that keeps only ``x``, ``x·Aᵀ`` and, with dropout, a bit-packed mask) whenever
+    While gradients are on, the forward runs :func:`~lightning_qlora.lora.function.fused_lora_linear` (the update,
+    then base matmul plus update, in two autograd nodes that keep only ``x``, ``x·Aᵀ`` and, with dropout, a
+    bit-packed mask) whenever
     the base is a bitsandbytes 4-bit linear or a frozen ``nn.Linear``; otherwise (inference, a trainable or exotic
     base, ``fused=False``) the plain composition :meth:`plain_forward`. Both compute the same function.
 

@@ -232,6 +232,7 @@ def save_merged_safetensors(model: nn.Module, directory: str | os.PathLike) -> P
                 f"{name} is a 4-bit layer; save_merged_safetensors writes plain weights and merge_lora(model, 'bf16') "
                 "only converts layers that have an adapter (target them all, or merge to a 4-bit checkpoint instead)"
             )
+
     def owned(name: str) -> bool:
         return name in _CHECKPOINT_FILES or (name.startswith(("model", "pytorch_model")) and "." in name)
 

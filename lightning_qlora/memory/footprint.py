@@ -163,4 +163,3 @@ def unrecognised_matrices(model: nn.Module, skip: tuple[str, ...] = ()) -> list[
             if is_matrix(param):
                 found.append((f"{module_name}.{name}".lstrip("."), type(module).__name__))
     return found
-

@@ -146,11 +146,18 @@ class MemoryPlan:
             f"{s['devices']} device(s){' ' + s['sharding'] if s['devices'] > 1 else ''}, checkpointing {gc_on}",
             "",
             ("part", unit, "detail"),
-            ("4-bit base weights", self.quantized_weights, f"{_count(self.quantized_params)} params, "
-             f"{self.bits_per_quantized_param:.3f} bits/param ({s['quant']})"),
+            (
+                "4-bit base weights",
+                self.quantized_weights,
+                f"{_count(self.quantized_params)} params, "
+                f"{self.bits_per_quantized_param:.3f} bits/param ({s['quant']})",
+            ),
             ("unquantized params", self.unquantized_weights, f"{s['unquantized']} in {s['dtype']}"),
-            ("LoRA adapters", self.adapters, f"{self.adapter_params / 1e6:.1f}M params, r={s['r']}, "
-             f"{s['lora_layers']} layers, {s['adapter_dtype']}"),
+            (
+                "LoRA adapters",
+                self.adapters,
+                f"{self.adapter_params / 1e6:.1f}M params, r={s['r']}, {s['lora_layers']} layers, {s['adapter_dtype']}",
+            ),
             ("adapter gradients", self.gradients, "alive from backward to the optimizer step"),
             ("optimizer states", self.optimizer_states, f"{s['optimizer']}{paged}"),
             ("activations, checkpointing on", self.activations_with_checkpointing, "at the step's peak"),

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_qlora.lora.layer import adapters_disabled, is_lora_parameter
 from lightning_qlora.models.causal_lm import CausalLM
-from lightning_qlora.models.losses import IGNORE_INDEX, chunked_loss_unsupported, last_hidden_state
+from lightning_qlora.models.losses import IGNORE_INDEX, at_least_fp32, chunked_loss_unsupported, last_hidden_state
 from lightning_qlora.models.preference_losses import METHODS, PreferenceMethod, PreferenceOutput, preference_loss
 from lightning_qlora.models.sequence_logps import sequence_logps
 
@@ -58,7 +58,8 @@ def model_sequence_logps(
         outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         head = model.get_output_embeddings()
         return sequence_logps(last_hidden_state(outputs), head.weight, labels, chunk_size, bias=head.bias)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logits = at_least_fp32(logits)
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     picked = logits.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2) - torch.logsumexp(logits, dim=-1)

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from lightning_qlora.models.losses import (
     IGNORE_INDEX,
     check_chunk_size,
+    exp_shifted_,
     head_chunks,
     head_compute_dtype,
+    softmax_dtype,
     valid_rows,
 )
 
@@ -43,8 +45,11 @@ class ChunkedTokenLogps(torch.autograd.Function):
         chunk_size: int,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        """``(N,)`` fp32 log-probabilities of ``targets`` (``(N,)``) under the rows of ``hidden`` (``(N, H)``)."""
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        """``(N,)`` log-probabilities of ``targets`` (``(N,)``) under the rows of ``hidden`` (``(N, H)``).
+
+        fp32, or fp64 for an fp64 head.
+        """
+        out = torch.zeros(hidden.shape[0], dtype=softmax_dtype(compute_dtype), device=hidden.device)
         w, b = _cast(weight, bias, compute_dtype)
         valid = valid_rows(targets)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -61,14 +66,16 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        wide = softmax_dtype(ctx.compute_dtype)
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_b else None
         w, b = _cast(weight, bias, ctx.compute_dtype)
         valid = valid_rows(targets)
         with torch.autocast(hidden.device.type, enabled=False):
             for rows, h, logits, y in head_chunks(hidden, w, b, targets, valid, ctx.chunk_size, ctx.compute_dtype):
-                g_out = grad_out.index_select(0, rows).float().unsqueeze(1)
-                g = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_().mul_(-g_out)  # in place
+                g_out = grad_out.index_select(0, rows).to(logits.dtype).unsqueeze(1)
+                _, sums = exp_shifted_(logits)
+                g = logits.mul_(sums.reciprocal_().mul_(g_out).neg_())  # -g·softmax, in place
                 del logits
                 g.scatter_add_(1, y.unsqueeze(1), g_out)
                 if need_b:

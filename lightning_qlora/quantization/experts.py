@@ -57,9 +57,7 @@ DENSE_EXPERTS = ("Llama4TextExperts",)
 time. peft sees these stacks untransposed (it reads no ``is_transposed`` flag on them)."""
 
 
-def expert_stacks(
-    model: nn.Module, skip: Iterable[str] = (), strict: bool = True
-) -> list[tuple[str, nn.Module]]:
+def expert_stacks(model: nn.Module, skip: Iterable[str] = (), strict: bool = True) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every experts module of ``model`` not named in ``skip``.
 
     Args:

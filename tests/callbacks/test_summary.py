@@ -100,8 +100,10 @@ def test_summary_plans_a_preference_run_with_its_reference_pass_and_both_sequenc
     expected = plan_memory(module.model.config, 4, 24, preference="dpo", **direct)
     assert summary.plan is not None and _same_plan(summary.plan, expected)
     assert summary.plan.settings["batch_size"] == 4 and "reference forward" in summary.plan.settings["phases"]
-    for wrong in (plan_memory(module.model.config, 4, 24, **direct),  # planned as a supervised step
-                  plan_memory(module.model.config, 8, 24, preference="dpo", **direct)):  # pairs doubled twice
+    for wrong in (
+        plan_memory(module.model.config, 4, 24, **direct),  # planned as a supervised step
+        plan_memory(module.model.config, 8, 24, preference="dpo", **direct),
+    ):  # pairs doubled twice
         assert not _same_plan(summary.plan, wrong) and wrong.peak != expected.peak
     # ORPO: the same step without the reference forward
     module.method = "orpo"

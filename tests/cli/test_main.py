@@ -14,23 +14,34 @@ def recipe(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-qlora"])
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "input": "", "output": f"{i} {i}."}) + "\n"
-                            for i in range(16)))
+    rows.write_text(
+        "".join(
+            json.dumps({"instruction": f"Repeat {i}.", "input": "", "output": f"{i} {i}."}) + "\n" for i in range(16)
+        )
+    )
     config = {
         "trainer": {
-            "default_root_dir": str(tmp_path / "run"), "max_steps": 4, "logger": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": -1,
+            "default_root_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": -1,
             "plugins": [{"class_path": "lightning_qlora.NF4Precision"}],
             "strategy": {"class_path": "lightning_qlora.PagedOptimizerStrategy"},
             "callbacks": [
-                {"class_path": "lightning_qlora.LoRA",
-                 "init_args": {"r": 8, "alpha": 16, "export_dir": str(tmp_path / "adapter")}},
+                {
+                    "class_path": "lightning_qlora.LoRA",
+                    "init_args": {"r": 8, "alpha": 16, "export_dir": str(tmp_path / "adapter")},
+                },
                 {"class_path": "lightning_qlora.RunSummary"},
             ],
         },
         "model": {"class_path": "lightning_qlora.CausalLM", "init_args": {"model": str(tiny_llama_dir), "lr": 5e-3}},
-        "data": {"class_path": "lightning_qlora.InstructionDataModule",
-                 "init_args": {"path": str(rows), "max_length": 64, "batch_size": 4, "val_split": 4}},
+        "data": {
+            "class_path": "lightning_qlora.InstructionDataModule",
+            "init_args": {"path": str(rows), "max_length": 64, "batch_size": 4, "val_split": 4},
+        },
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -104,8 +115,23 @@ def test_max_length_smaller_than_prompt(recipe, capsys):
 def test_evaluate_prints_lm_eval_table_with_adapter(recipe, tmp_path, capsys):
     main(["fit", "--config", str(recipe)])
     capsys.readouterr()
-    main(["evaluate", "--config", str(recipe), "--tasks", "qlora_demo_mc", "--num_fewshot", "0", "--limit", "8",
-          "--adapter", str(tmp_path / "adapter"), "--output_path", str(tmp_path / "eval.json")])
+    main(
+        [
+            "evaluate",
+            "--config",
+            str(recipe),
+            "--tasks",
+            "qlora_demo_mc",
+            "--num_fewshot",
+            "0",
+            "--limit",
+            "8",
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output_path",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "qlora demo" in out and "acc" in out  # lm-eval prints the task alias
     results = json.loads((tmp_path / "eval.json").read_text())

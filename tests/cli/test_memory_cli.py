@@ -158,8 +158,9 @@ def test_preference_recipe_plans_both_sequences_of_each_pair_and_the_reference(r
     assert ("reference forward" in payload["settings"]["phases"]) is (method != "orpo")
     for wrong in (plan_memory(**args, batch_size=8), plan_memory(**args, batch_size=16, preference=method)):
         assert not _same_plan(payload, wrong)  # as a supervised step, or pairs doubled twice
-    assert _same_plan(plan_json(["--config", path, "--batch-size", "6"], capsys),
-                      plan_memory(**args, batch_size=6, preference=method))  # --batch-size counts sequences
+    assert _same_plan(
+        plan_json(["--config", path, "--batch-size", "6"], capsys), plan_memory(**args, batch_size=6, preference=method)
+    )  # --batch-size counts sequences
     main(["memory", "--config", path])
     out = capsys.readouterr().out
     assert "batch 8 x 64" in out and f"preference: {method}, 4 pairs = 8 sequences a step; " in out

@@ -41,19 +41,28 @@ def test_recipe_instantiates_and_steps_on_tiny_model(recipe, tiny_llama_dir, tmp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-qlora"])
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n"
-                            for i in range(12)))
+    rows.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n" for i in range(12))
+    )
     cli = QLoRACLI(
         run=False,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=[
-            "--config", str(recipe),
+            "--config",
+            str(recipe),
             f"--model.init_args.model={tiny_llama_dir}",
-            f"--data.init_args.path={rows}", "--data.init_args.val_path=null", "--data.init_args.val_split=4",
-            "--data.init_args.batch_size=2", "--data.init_args.format=auto",
-            "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
-            "--trainer.accumulate_grad_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--data.init_args.path={rows}",
+            "--data.init_args.val_path=null",
+            "--data.init_args.val_split=4",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.format=auto",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.accumulate_grad_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
         ],
     )
     cli.trainer.fit(cli.model, cli.datamodule)

@@ -18,6 +18,7 @@ from lightning_qlora.lora.function import (
     fused_base_weight,
     fused_lora_linear,
     pack_mask,
+    packed_dropout,
     unpack_mask,
 )
 from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, inject_lora, mark_only_lora_trainable
@@ -391,3 +392,55 @@ def test_backward_mask_zeroes_exactly_what_where_zeroes(dtype):
     bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
     for got in (apply_keep(t, mask), apply_keep(t.clone(), mask, inplace=True)):
         assert torch.equal(got.view(bits), expected.view(bits))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (64, 128), (3,)])
+def test_packed_dropout_drops_what_dropout_drops_and_packs_its_keep_mask(shape):
+    """The fused path's mask, set bit by bit from the dropped positions, is pack_mask of the plain path's draw."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    torch.manual_seed(11)
+    dropped, keep, scale = dropout(x, 0.3)
+    torch.manual_seed(11)
+    packed_dropped, bits, packed_scale = packed_dropout(x, 0.3)
+    assert torch.equal(packed_dropped, dropped) and packed_scale == scale
+    assert bits.dtype == torch.uint8 and torch.equal(bits, pack_mask(keep))  # padding bits 0 too
+
+
+def test_checkpointed_block_recompute_stops_before_the_last_base_matmul(monkeypatch):
+    """The adapter branch is the block's last node that keeps tensors: torch's recompute ends there, so the final
+    layer's base weight is dequantized in forward and backward only (the first layer's also in the recompute)."""
+    import lightning_qlora.lora.function as function
+
+    first, last = make_layer(True, dropout=0.1, seed=1), make_layer(True, dropout=0.1, seed=2)
+    last.base_layer, last.lora_A, last.lora_B = (
+        linear_to_4bit(nn.Linear(OUT, IN), QuantizationConfig(compute_dtype=torch.float32), "cpu"),
+        nn.Parameter(torch.randn(R, OUT) * 0.1),
+        nn.Parameter(torch.randn(IN, R) * 0.1),
+    )
+    seen = []
+    dequantized = function._dequantized
+    monkeypatch.setattr(function, "_dequantized", lambda w, spec: seen.append(w.data_ptr()) or dequantized(w, spec))
+    x = torch.randn(3, 8, IN, generator=torch.Generator().manual_seed(3))
+
+    def grads(use_checkpoint: bool):
+        seen.clear()
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(4)
+
+        def block(t):
+            return t + last(torch.tanh(first(t)))
+
+        y = checkpoint(block, xx, use_reentrant=False) if use_checkpoint else block(xx)
+        (y * y).sum().backward()
+        found = [xx.grad] + [p.grad.clone() for p in (first.lora_A, first.lora_B, last.lora_A, last.lora_B)]
+        for p in (first.lora_A, first.lora_B, last.lora_A, last.lora_B):
+            p.grad = None
+        return found, list(seen)
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert len(plain_calls) == 4 and len(ckpt_calls) == 5  # forward 2, recompute 1 (first only), backward 2
+    last_codes = last.base_layer.weight.data.data_ptr()
+    assert ckpt_calls.count(last_codes) == 2 == plain_calls.count(last_codes)
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)

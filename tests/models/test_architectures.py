@@ -28,8 +28,12 @@ def results(tmp_path_factory):
     # one fresh process building every architecture in turn (the suite runs on both cores already: pytest -n 2)
     halves = [list(SPECS)]
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(out / f"{i}.json"), *half], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out / f"{i}.json"), *half],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for i, half in enumerate(halves)
     ]
     errors = [p.communicate(timeout=900)[1] for p in procs]

@@ -19,14 +19,21 @@ def write_rows(path, n=24):
 
 def test_causal_lm_trains_with_quantize_on_load(tiny_llama_dir, tmp_path):
     module = CausalLM(model=str(tiny_llama_dir), dtype="fp32", lr=5e-3)
-    data = InstructionDataModule(path=str(write_rows(tmp_path / "rows.jsonl")), max_length=64, batch_size=4,
-                                 val_split=4)
+    data = InstructionDataModule(
+        path=str(write_rows(tmp_path / "rows.jsonl")), max_length=64, batch_size=4, val_split=4
+    )
     trainer = L.Trainer(
         plugins=[NF4Precision(compute_dtype="bf16")],
         callbacks=[LoRA(r=8, alpha=16, dropout=0.0)],
         strategy=PagedOptimizerStrategy(),
-        max_steps=15, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=-1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=15,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(module, data)

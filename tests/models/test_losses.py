@@ -12,7 +12,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_qlora.models.losses import causal_lm_loss, chunked_cross_entropy, chunked_loss_unsupported
+from lightning_qlora.models.losses import (
+    causal_lm_loss,
+    chunked_cross_entropy,
+    chunked_loss_unsupported,
+    exp_shifted_,
+)
 
 B, T, H, V = 2, 40, 64, 320
 
@@ -65,6 +70,26 @@ def test_bf16_autocast_matches_full_logits_within_bf16_tolerance(hidden_dtype):
     assert got_h.dtype == hidden_dtype and got_w.dtype == torch.float32
     for got, want in ((got_h, want_h), (got_w, want_w)):
         assert float((got.float() - want.float()).norm() / want.float().norm()) < 2**-7
+
+
+def test_fp64_head_keeps_fp64_logits():
+    """An fp64 model's loss and gradients are computed in fp64 throughout, not through fp32 logits."""
+    hidden, weight, labels, b = inputs(seed=2, bias=True)
+    hidden, weight, b = (t.detach().double().requires_grad_(True) for t in (hidden, weight, b))
+    loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=16, bias=b)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    expected = F.cross_entropy(F.linear(hidden, weight, b).flatten(0, -2), shifted.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads_of(loss, hidden, weight, b), grads_of(expected, hidden, weight, b)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_exp_shifted_gives_logsumexp_and_softmax_without_overflow():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [1e4, 1e4 - 1.0, -1e4], [-50.0, -50.0, -50.0]], dtype=torch.float64)
+    lse, sums = exp_shifted_(work := logits.clone())
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-15, atol=1e-12)
+    torch.testing.assert_close(work / sums, torch.softmax(logits, -1), rtol=1e-15, atol=1e-15)
+    assert bool(torch.isfinite(work).all()) and sums.shape == (3, 1)
 
 
 def test_backward_scales_by_the_upstream_gradient_and_a_frozen_head_gets_none():

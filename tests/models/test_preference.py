@@ -175,7 +175,6 @@ def test_nan_from_the_reference_pass_stops_the_run_naming_the_pair(tiny_llama_di
     assert not export.exists()  # nothing exported from the stopped run
 
 
-
 def test_lm_eval_callback_scores_the_policy_during_a_dpo_fit(tiny_llama_dir, tmp_path, monkeypatch):
     """LMEvalCallback on a PreferenceLM: step 0 scores the 4-bit base (B = 0), step 2 the policy as trained."""
     import lm_eval.evaluator

@@ -175,8 +175,13 @@ def test_lightning_model_summary_shows_true_sizes(summary_cls, caplog, recwarn, 
     if summary_cls != "default":
         callbacks.append({"ModelSummary": ModelSummary, "RichModelSummary": RichModelSummary}[summary_cls]())
     trainer = L.Trainer(
-        plugins=[NF4Precision()], callbacks=callbacks, max_steps=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=True, enable_checkpointing=False,
+        plugins=[NF4Precision()],
+        callbacks=callbacks,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=True,
+        enable_checkpointing=False,
     )
     with caplog.at_level(logging.INFO):
         trainer.fit(module, loader())

@@ -31,8 +31,18 @@ from lightning_qlora.strategies.fsdp2 import QLoRAFSDP2Strategy
 from lightning_qlora.utils.dtypes import to_dtype
 
 WORKER = Path(__file__).parents[1] / "distributed_worker.py"
-SCENARIOS = ["collectives", "ddp", "ddp_compiled", "ddp_preference", "fsdp", "fsdp2", "fsdp_preference",
-             "fsdp2_preference", "fsdp_modules", "fsdp2_modules"]
+SCENARIOS = [
+    "collectives",
+    "ddp",
+    "ddp_compiled",
+    "ddp_preference",
+    "fsdp",
+    "fsdp2",
+    "fsdp_preference",
+    "fsdp2_preference",
+    "fsdp_modules",
+    "fsdp2_modules",
+]
 LOSS_REL = 1e-3  # bf16 autocast (where native): the same math batched differently rounds differently (seen: 3e-4)
 
 
@@ -394,6 +404,7 @@ def test_lightning_fsdp_refuses_cpu_but_ours_is_accepted():
 
 def test_sharded_strategies_refuse_rank0_only_evaluation():
     from lightning_qlora.evaluation import DEMO_TASK, LMEvalCallback
+
     for strategy in (QLoRAFSDPStrategy(), QLoRAFSDP2Strategy()):
         callback = LMEvalCallback(tasks=[DEMO_TASK])
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, callbacks=[callback], logger=False)

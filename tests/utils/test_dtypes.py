@@ -10,8 +10,10 @@ def test_bfloat16_spellings(spelling):
     assert to_dtype(spelling) is torch.bfloat16
 
 
-@pytest.mark.parametrize("spelling, dtype", [("fp16", torch.float16), ("float32", torch.float32),
-                                             ("torch.float16", torch.float16), ("uint8", torch.uint8)])
+@pytest.mark.parametrize(
+    "spelling, dtype",
+    [("fp16", torch.float16), ("float32", torch.float32), ("torch.float16", torch.float16), ("uint8", torch.uint8)],
+)
 def test_other_spellings(spelling, dtype):
     assert to_dtype(spelling) is dtype and to_dtype(dtype_name(dtype)) is dtype
 
@@ -30,9 +32,13 @@ def test_recipe_dtype_spellings_reach_the_plugin(spelling, tmp_path, monkeypatch
     from lightning_qlora.cli.main import QLoRACLI
 
     monkeypatch.setattr(sys, "argv", ["lightning-qlora"])
-    config = {"trainer": {"plugins": [{"class_path": "lightning_qlora.NF4Precision",
-                                       "init_args": {"compute_dtype": spelling}}], "logger": False},
-              "model": {"class_path": "lightning_qlora.CausalLM", "init_args": {"model": str(tmp_path)}}}
+    config = {
+        "trainer": {
+            "plugins": [{"class_path": "lightning_qlora.NF4Precision", "init_args": {"compute_dtype": spelling}}],
+            "logger": False,
+        },
+        "model": {"class_path": "lightning_qlora.CausalLM", "init_args": {"model": str(tmp_path)}},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = QLoRACLI(run=False, args=["--config", str(path)])

@@ -139,6 +139,8 @@ class PagedDDPStrategy(PagedOptimizerMixin, DDPStrategy):
         optimizer: bitsandbytes optimizer name (``paged_adamw_32bit`` by default, ``paged_adamw_8bit``, ...).
         optimizer_kwargs: hyperparameters when the module has no ``configure_optimizers`` (default ``lr=2e-4``).
         check_replicas: compare the frozen base across ranks before training (a few int64 sums per tensor).
+        reuse_host_memory: on CPU, have glibc's ``malloc`` keep freed memory for the next step (see
+            :class:`~lightning_qlora.PagedOptimizerStrategy`).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``find_unused_parameters``,
             ``process_group_backend``, ``timeout``, ...).
 
@@ -153,9 +155,10 @@ class PagedDDPStrategy(PagedOptimizerMixin, DDPStrategy):
         optimizer: str = "paged_adamw_32bit",
         optimizer_kwargs: dict[str, Any] | None = None,
         check_replicas: bool = True,
+        reuse_host_memory: bool = True,
         **kwargs: Any,
     ) -> None:
-        self._init_paged_optimizer(optimizer, optimizer_kwargs)
+        self._init_paged_optimizer(optimizer, optimizer_kwargs, reuse_host_memory)
         self.check_replicas = check_replicas
         self.compared_tensors = 0
         """How many frozen tensors :func:`check_identical_replicas` compared at the last setup."""

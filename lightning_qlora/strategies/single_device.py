@@ -23,6 +23,7 @@ from lightning_qlora.optim.paged import (
     optimizer_state_bytes,
     retarget_schedulers,
 )
+from lightning_qlora.utils.host_memory import keep_freed_host_memory
 
 
 class PagedOptimizerMixin:
@@ -33,17 +34,38 @@ class PagedOptimizerMixin:
     decay, param groups and schedulers (each scheduler is re-pointed at the new optimizer; ``SequentialLR`` and
     ``ChainedScheduler`` cannot be, so return a bitsandbytes optimizer to use those); only trainable parameters get
     state. When the module does not define ``configure_optimizers``, the optimizer is built from ``optimizer`` and
-    ``optimizer_kwargs``. On CPU, where paging does not exist, the unpaged equivalent is used with one warning. Call
-    :meth:`_init_paged_optimizer` from the strategy's ``__init__``.
+    ``optimizer_kwargs``. On CPU, where paging does not exist, the unpaged equivalent is used with one warning, and
+    (``reuse_host_memory``) glibc's ``malloc`` keeps freed memory for the next step instead of returning it to the
+    kernel (:func:`~lightning_qlora.utils.host_memory.keep_freed_host_memory`). Call :meth:`_init_paged_optimizer`
+    from the strategy's ``__init__``.
     """
 
     optimizer_name: str
     optimizer_kwargs: dict[str, Any]
+    reuse_host_memory: bool
 
-    def _init_paged_optimizer(self, optimizer: str, optimizer_kwargs: dict[str, Any] | None) -> None:
+    def _init_paged_optimizer(
+        self, optimizer: str, optimizer_kwargs: dict[str, Any] | None, reuse_host_memory: bool = True
+    ) -> None:
         self.optimizer_name = check_optimizer_name(optimizer)
         self.optimizer_kwargs = {"lr": 2e-4, **(optimizer_kwargs or {})}
+        self.reuse_host_memory = reuse_host_memory
         self._warned_cpu = False
+
+    def setup_environment(self) -> None:
+        """On CPU with ``reuse_host_memory``, keep freed host memory for reuse (one line says whether it could)."""
+        super().setup_environment()  # type: ignore[misc]
+        if not self.reuse_host_memory or self.root_device.type != "cpu":  # type: ignore[attr-defined]
+            return
+        name = type(self).__name__
+        why_not = keep_freed_host_memory()
+        if why_not is None:
+            rank_zero_info(
+                f"{name}: on cpu, malloc keeps freed memory for reuse (no page faults on each step's tensors; "
+                "reuse_host_memory=False leaves glibc's defaults)"
+            )
+        else:
+            rank_zero_info(f"{name}: freed host memory is returned to the kernel as usual: {why_not}")
 
     def connect(self, model: pl.LightningModule) -> None:
         """Give a module without ``configure_optimizers`` one that builds ``optimizer`` (Lightning needs the hook)."""
@@ -102,6 +124,8 @@ class PagedOptimizerStrategy(PagedOptimizerMixin, SingleDeviceStrategy):
         optimizer: name such as ``paged_adamw_32bit`` (default), ``paged_adamw_8bit``, ``paged_lion_8bit``.
         optimizer_kwargs: hyperparameters when building from the name (default ``lr=2e-4``, the paper's).
         device: the device to train on (default: the first GPU when the accelerator is CUDA, else CPU).
+        reuse_host_memory: on CPU, have glibc's ``malloc`` keep freed memory for the next step instead of returning
+            it to the kernel and faulting it in again (process-wide; no effect on GPUs).
 
     Raises:
         ValueError: for an unknown optimizer name.
@@ -114,9 +138,10 @@ class PagedOptimizerStrategy(PagedOptimizerMixin, SingleDeviceStrategy):
         optimizer: str = "paged_adamw_32bit",
         optimizer_kwargs: dict[str, Any] | None = None,
         device: str | None = None,
+        reuse_host_memory: bool = True,
         **kwargs: Any,
     ) -> None:
-        self._init_paged_optimizer(optimizer, optimizer_kwargs)
+        self._init_paged_optimizer(optimizer, optimizer_kwargs, reuse_host_memory)
         self._explicit_device = torch.device(device) if device is not None else None
         super().__init__(device=self._explicit_device or "cpu", **kwargs)
 

@@ -355,3 +355,14 @@ def test_every_strategy_is_registered_under_its_short_name():
         assert StrategyRegistry[cls.strategy_name]["strategy"] is cls
     trainer = L.Trainer(strategy="paged_optimizer", accelerator="cpu", logger=False, enable_progress_bar=False)
     assert isinstance(trainer.strategy, lightning_qlora.PagedOptimizerStrategy)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_cpu_training_keeps_freed_host_memory_unless_told_not_to(monkeypatch, reuse):
+    import lightning_qlora.strategies.single_device as single_device
+
+    calls = []
+    monkeypatch.setattr(single_device, "keep_freed_host_memory", lambda: calls.append(1) or None)
+    strategy = PagedOptimizerStrategy(reuse_host_memory=reuse)
+    fit(Regression(), strategy, steps=1)
+    assert calls == ([1] if reuse else [])

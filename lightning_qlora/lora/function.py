@@ -227,7 +227,13 @@ class LoRAUpdateFunction(torch.autograd.Function):
             b = lora_B.to(spec.lora_dtype)
             xs = torch.mm(dropped, a.t()).mul_(spec.scaling)  # (tokens, r): the only adapter activation kept
             del dropped
-            update = torch.mm(xs, b.t()).to(spec.update_dtype).view(*shape[:-1], b.shape[0])
+            # allocated in x's shape and filled through a 2-D view, so it is never itself a view: the base node adds
+            # into it in place, and callers may modify the layer's output in place (Falcon, RoCBERT do)
+            update = x2.new_empty((*shape[:-1], b.shape[0]), dtype=spec.update_dtype)
+            if spec.update_dtype == spec.lora_dtype:
+                torch.mm(xs, b.t(), out=update.view(-1, b.shape[0]))
+            else:
+                update.view(-1, b.shape[0]).copy_(torch.mm(xs, b.t()))
         ctx.save_for_backward(x2.to(spec.lora_dtype), xs, lora_A, lora_B, packed)  # x itself when dtypes agree
         ctx.spec = spec
         ctx.keep_scale = keep_scale
@@ -279,21 +285,22 @@ class LoRALinearFunction(torch.autograd.Function):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(spec.base_dtype)
             w0 = _dequantized(weight, spec)
-            u = update.reshape(-1, w0.shape[0])
-            # allocated in x's shape and filled through a 2-D view, so the result is never itself a view: callers
-            # may modify it in place (Falcon, RoCBERT do)
-            out = x2.new_empty((*shape[:-1], w0.shape[0]), dtype=spec.base_dtype)
-            flat = out.view(-1, w0.shape[0])
-            if u.dtype == spec.base_dtype:  # u + x·W0ᵀ in one matmul
-                torch.addmm(u, x2, w0.t(), out=flat)
+            in_place = update.dtype == spec.base_dtype == spec.out_dtype and not torch.compiler.is_compiling()
+            if in_place:  # u += x·W0ᵀ (+ b): no new tensor, no copy (compiled: Inductor fuses the add; AOT refuses)
+                flat = update.view(-1, w0.shape[0])
+                flat.addmm_(x2, w0.t())
                 if bias is not None:
                     flat.add_(bias.to(spec.base_dtype))
+                ctx.mark_dirty(update)
+                out = update
             else:
+                out = x2.new_empty((*shape[:-1], w0.shape[0]), dtype=spec.base_dtype)  # never a view, as above
+                flat = out.view(-1, w0.shape[0])
                 if bias is None:
                     torch.mm(x2, w0.t(), out=flat)
                 else:
                     torch.addmm(bias.to(spec.base_dtype), x2, w0.t(), out=flat)
-                out = out.to(spec.out_dtype).add_(update)
+                out = out.to(spec.out_dtype).add_(update.to(spec.out_dtype))
             del w0
             out = out.to(spec.out_dtype)
         ctx.weight = weight  # a frozen parameter: no activation memory, and not recomputed by checkpointing

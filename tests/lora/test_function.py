@@ -444,3 +444,23 @@ def test_checkpointed_block_recompute_stops_before_the_last_base_matmul(monkeypa
     assert ckpt_calls.count(last_codes) == 2 == plain_calls.count(last_codes)
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_output_is_a_fresh_tensor_callers_may_modify_in_place(autocast):
+    """Base + branch is written into the branch's own buffer: not a view, and in-place edits by callers (Falcon,
+    RoCBERT) keep the gradients right."""
+    layer = make_layer(True, dropout=0.0)
+    x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(12))
+    grads = []
+    for edit in (False, True):
+        xx = x.clone().requires_grad_(True)
+        layer.lora_A.grad = layer.lora_B.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xx)
+            assert y._base is None and type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
+            z = y.mul_(2.0) if edit else y * 2.0
+        (z.float() * probe_weights(OUT).float()).sum().backward()
+        grads.append((xx.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for plain, edited in zip(*grads):
+        assert torch.equal(plain, edited)

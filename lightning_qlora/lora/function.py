@@ -166,18 +166,33 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, floa
     Raises:
         ValueError: if ``p`` is not in ``[0, 1)``.
     """
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout rate {p} is not in [0, 1); pass a rate such as 0.05 or 0.1")
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _drops_positions(x, p):
         dropped, keep = torch.ops.aten.native_dropout(x, p, True)
         return dropped, keep, 1.0 / (1.0 - p)
-    scale = 1.0 / (1.0 - p)
-    positions = dropped_positions(x.numel(), p)
+    dropped, positions, scale = _drop_positions(x, p)
     keep = torch.ones(x.shape, dtype=torch.bool)
     keep.view(-1).index_fill_(0, positions, False)
+    return dropped, keep, scale
+
+
+def _drops_positions(x: torch.Tensor, p: float) -> bool:
+    """Whether :func:`dropout` draws ``x``'s dropped positions itself (eager CPU) rather than ``native_dropout``.
+
+    Raises:
+        ValueError: if ``p`` is not in ``[0, 1)``.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout rate {p} is not in [0, 1); pass a rate such as 0.05 or 0.1")
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _drop_positions(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(x scaled by 1/(1-p) with the dropped elements zeroed, their flat positions, the scale)``, on CPU."""
+    scale = 1.0 / (1.0 - p)
+    positions = dropped_positions(x.numel(), p)
     dropped = torch.mul(x, scale).contiguous()  # a new tensor in x's dtype, then the dropped elements zeroed
     dropped.view(-1).index_fill_(0, positions, 0)
-    return dropped, keep, scale
+    return dropped, positions, scale
 
 
 def packed_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -186,19 +201,17 @@ def packed_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     Raises:
         ValueError: if ``p`` is not in ``[0, 1)``.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 <= p < 1:
+    if not _drops_positions(x, p):
         dropped, keep, scale = dropout(x, p)
         return dropped, pack_mask(keep), scale
+    dropped, positions, scale = _drop_positions(x, p)
     n = x.numel()
-    positions = dropped_positions(n, p)
-    dropped = torch.mul(x, 1.0 / (1.0 - p)).contiguous()
-    dropped.view(-1).index_fill_(0, positions, 0)
     bits = torch.zeros((n + 7) // 8, dtype=torch.uint8)  # dropped bits: distinct powers of two, so adding is OR
     bits.index_add_(0, positions.bitwise_right_shift(3), torch.bitwise_left_shift(1, positions.bitwise_and(7)).byte())
     bits.bitwise_not_()
     if n % 8:
         bits[-1] &= (1 << (n % 8)) - 1  # padding bits 0, as pack_mask leaves them
-    return dropped, bits, 1.0 / (1.0 - p)
+    return dropped, bits, scale
 
 
 class LoRAUpdateFunction(torch.autograd.Function):
@@ -302,12 +315,10 @@ class LoRALinearFunction(torch.autograd.Function):
                     torch.addmm(bias.to(spec.base_dtype), x2, w0.t(), out=flat)
                 out = out.to(spec.out_dtype).add_(update.to(spec.out_dtype))
             del w0
-            out = out.to(spec.out_dtype)
         ctx.weight = weight  # a frozen parameter: no activation memory, and not recomputed by checkpointing
         ctx.spec = spec
         ctx.x_dtype = x.dtype
         ctx.x_shape = shape
-        ctx.update_dtype = update.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -324,7 +335,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 grad_x = torch.mm(g.to(spec.base_dtype), w0).to(ctx.x_dtype).reshape(ctx.x_shape)
                 del w0
             if need_update:
-                grad_update = grad_out.to(ctx.update_dtype)
+                grad_update = grad_out.to(spec.update_dtype)
             if need_bias:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_update, None

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_qlora.lora.function import dropout, fused_lora_linear
+from lightning_qlora.lora.dropout import dropout
+from lightning_qlora.lora.function import fused_lora_linear
 from lightning_qlora.quantization.nf4 import (
     DEFAULT_SKIP_MODULES,
     is_4bit_linear,
@@ -166,7 +167,7 @@ class LoRALinear(nn.Module):
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused composition: the base layer's own forward, dropout, then two ``F.linear`` calls.
 
-        Dropout draws its mask as the fused path does (:func:`~lightning_qlora.lora.function.dropout`), so both
+        Dropout draws its mask as the fused path does (:func:`~lightning_qlora.lora.dropout.dropout`), so both
         paths drop the same elements for the same random state.
         """
         result = self.base_layer(x)

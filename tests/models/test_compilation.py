@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_qlora import CausalLM, LoRA, NF4Precision, PagedOptimizerStrategy, compile_blocks
 from lightning_qlora.callbacks.lora import refuse_sharded_compile
-from lightning_qlora.lora.function import pack_mask, unpack_mask
+from lightning_qlora.lora.dropout import pack_mask, unpack_mask
 from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_state_dict, mark_only_lora_trainable
 from lightning_qlora.models.checkpointing import enable_gradient_checkpointing
 from lightning_qlora.models.compilation import graph_break_counts, graph_break_report, is_compiled

@@ -179,7 +179,7 @@ def _number(value: Any) -> float | None:
 
 
 def key_packing(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Part 2: packed/padded trained tokens/s (tokens that are not padding).
+    """Part 2: packed/padded trained tokens/s, and packed/TRL where TRL's padding-free trainer ran.
 
     bench/packing.py's ``packed_over_padded``, with the fastest ``results`` entry of ``ours packed`` and of ``ours
     padded`` (``trained_tok_s``) beside it; the ratio of those two where ``packed_over_padded`` is missing.
@@ -190,12 +190,18 @@ def key_packing(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if rate is not None:
             best[str(row.get("stack"))] = max(best.get(str(row.get("stack")), 0.0), rate)
     packed, padded = best.get("ours packed"), best.get("ours padded")
+    trl = best.get("TRL SFTTrainer padding_free")
     ratio = _number(result.get("packed_over_padded"))
     ratio = ratio if ratio is not None else _ratio(packed, padded)
     text = f"packed/padded {_x(ratio)}"
     if packed and padded:
         text += f" ({packed:,.0f} vs {padded:,.0f} trained tok/s)"
-    return text, {"packed_over_padded": ratio, "packed_trained_tok_s": packed, "padded_trained_tok_s": padded}
+    over_trl = _ratio(packed, trl)
+    if over_trl is not None:
+        text += f", packed/TRL padding_free {_x(over_trl)} ({trl:,.0f} trained tok/s)"
+    numbers = {"packed_over_padded": ratio, "packed_trained_tok_s": packed, "padded_trained_tok_s": padded,
+               "packed_over_trl": over_trl, "trl_trained_tok_s": trl}  # fmt: skip
+    return text, numbers
 
 
 def key_70b(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -3,23 +3,26 @@
 # writing <out>/<n>-<name>.json and <n>-<name>.log the moment it ends, so a run cut off later still reports the
 # parts that finished; a failed or timed-out part does not stop the next ones.
 #
-#   bash bench/gpu_check.sh [--out DIR] [--wheels DIR] [--timeouts 280,75,130] [--dry-run]
+#   bash bench/gpu_check.sh [--out DIR] [--wheels DIR] [--timeouts 250,130,120] [--dry-run]
 #
 #   --out DIR       output folder (default $OUT, else ./gpu-check-out)
-#   --wheels DIR    pip-install DIR/*.whl into a temp folder put first on PYTHONPATH (the device: --wheels .whl)
+#   --wheels DIR    pip-install DIR/*.whl into a temp folder put first on PYTHONPATH (the device: --wheels .whl,
+#                   made here by `bash bench/gpu_wheels.sh`: bitsandbytes, transformers, peft, trl, datasets)
 #   --timeouts      seconds for parts 1,2,3 (a part gets TERM then, KILL 5 s later)
 #   --dry-run       the same parts on CPU with tiny sizes, side by side (~40 s on 2 cores; tests/bench runs it)
 #
-# Expected on one H100/H200 (about 7 minutes; the limits add up to 8 min 5 s, plus the header and the install):
+# Expected on one H100/H200 (about 6 minutes; the limits add up to 8 min 20 s, plus the header and the install):
 # header  nvidia-smi, versions, bf16 matmul 8192^3 (the hardware limit)                           ~10 s
 # part 1  qlora_vs_hf.py --preset 7b --shapes 4x1024 --steps 6 --warmup 2 --stacks
-#         anchor,ours,ours-compiled (each stack in its own process)                              ~4 min (limit 280 s):
+#         anchor,ours,ours-compiled (each stack in its own process)                              ~2.5 min (limit 250 s):
 #         parent and the 13.5 GB random checkpoint (drawn on 16 CPU threads, saved to /tmp) ~40 s, anchor ~45 s
 #         and ours ~40 s (imports, 4-bit load, 6 steps), ours-compiled ~2 min (Inductor compile in the warmup);
 #         its JSON is rewritten after each stack, so a timeout keeps the stacks that finished
-# part 2  packing.py --device cuda: ours packed vs padded on real-length rows                     ~1 min (limit 75 s)
-# part 3  qlora_70b_step.py: 80 layers, batch 1 x 2048, built from config.json, 3 steps          ~1.5 min (limit 130 s)
-# summary one line per part: tok/s ours/anchor and compiled/anchor, packed/padded, peak GiB and PASS/FAIL
+# part 2  packing.py --device cuda: ours packed vs padded on real-length rows, and TRL's SFTTrainer with
+#         padding_free=True on the same rows where trl and datasets import (else said, and left out) ~1.5 min (limit 130 s)
+# part 3  qlora_70b_step.py: 80 layers, batch 1 x 2048, built from config.json, 3 steps          ~1 min (limit 120 s)
+# summary one line per part: tok/s ours/anchor and compiled/anchor, packed/padded and packed/TRL, peak GiB and
+#         PASS/FAIL
 #
 # Files: 1-qlora-7b.{json,log} 2-packing.{json,log} 3-70b-step.{json,log} summary.json (7; the device returns 8).
 # A part's JSON: part, name, status (ok|partial|failed|timeout|skipped), rc, seconds, limit_s, command, key,
@@ -37,7 +40,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ -n "$TIMEOUTS" ] || TIMEOUTS=$([ "$DRY" = 1 ] && echo 150,150,150 || echo 280,75,130)
+[ -n "$TIMEOUTS" ] || TIMEOUTS=$([ "$DRY" = 1 ] && echo 150,150,150 || echo 250,130,120)
 IFS=, read -r T1 T2 T3 <<<"$TIMEOUTS"
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || exit 1
 [ -z "$WHEELS" ] || WHEELS=$(cd "$WHEELS" && pwd) || exit 1
@@ -89,8 +92,14 @@ part1() {
     --workdir "$WORK/models"
 }
 part2() {
+  local stacks=padded,packed
+  if "$PY" -c "import trl, datasets" 2>/dev/null; then
+    stacks=padded,packed,trl
+  else
+    echo; echo "part 2: TRL's anchor left out (trl or datasets does not import; carry them: bash bench/gpu_wheels.sh)"
+  fi
   if [ -f bench/packing.py ]; then
-    run_part 2 packing "$T2" "$PY" bench/packing.py "${P2[@]}"
+    run_part 2 packing "$T2" "$PY" bench/packing.py "${P2[@]}" --stacks "$stacks"
   else
     echo; echo "part 2 skipped: bench/packing.py missing"
     "$PY" bench/gpu_check.py record --out-dir "$OUT_DIR" --part 2 --name packing --skipped "bench/packing.py missing"

@@ -24,6 +24,7 @@ from lightning_qlora.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_qlora.callbacks.progress import QuietLightningInternals
 from lightning_qlora.cli.inference import Inference, InferenceCLI
 from lightning_qlora.data.inference_prompts import read_prompt_rows
+from lightning_qlora.data.rows import DataError
 from lightning_qlora.models.generation import PromptCollator
 
 
@@ -53,6 +54,24 @@ def prompt_items(inference: Inference, path: str, format: str = "auto") -> list[
     return items
 
 
+def check_prompt_lengths(inference: Inference, items: list[dict[str, Any]]) -> None:
+    """Refuse, before the model loads, a rendered prompt that leaves no room for an answer in the context window.
+
+    Raises:
+        DataError: naming the first such row (file and line), its length and the window.
+    """
+    window = inference.context_window()
+    if window is None:
+        return
+    for item in items:
+        tokens = len(inference.tokenizer(item["prompt"], add_special_tokens=inference.add_special_tokens)["input_ids"])
+        if tokens >= window:
+            raise DataError(
+                f"{item['where']}: the prompt is {tokens} tokens but the model's context window is {window} tokens; "
+                "shorten the row or remove it"
+            )
+
+
 def generate_command(args: list[str], parser_class: type[LightningArgumentParser] = LightningArgumentParser) -> None:
     """Run ``lightning-qlora generate`` with ``args`` (the command line after ``generate``).
 
@@ -79,6 +98,7 @@ def generate_command(args: list[str], parser_class: type[LightningArgumentParser
     writer = JSONLPredictionWriter(config["output"])
     inference = cli.inference()
     items = prompt_items(inference, config["prompts"], config["format"])  # bad rows fail before the model loads
+    check_prompt_lengths(inference, items)
     inference.load()
     print(f"lightning-qlora generate: {inference.loaded}; {len(items)} prompts", file=sys.stderr, flush=True)
     loader = DataLoader(
@@ -98,4 +118,4 @@ def generate_command(args: list[str], parser_class: type[LightningArgumentParser
     print(f"lightning-qlora generate: wrote {writer.rows_written} predictions to {writer.path}", file=sys.stderr)
 
 
-__all__ = ["generate_command", "prompt_items"]
+__all__ = ["check_prompt_lengths", "generate_command", "prompt_items"]

@@ -28,7 +28,7 @@ from lightning_qlora.cli.recipe import RECIPE_CLI_ARGS
 from lightning_qlora.data.inference_prompts import adds_special_tokens, render_prompts, resolve_prompt_style
 from lightning_qlora.lora.loading import adapter_kind
 from lightning_qlora.lora.loading import load_adapter as load_lora_adapter
-from lightning_qlora.models.generation import GenerationOptions, encode_prompts
+from lightning_qlora.models.generation import GenerationOptions, context_window, encode_prompts
 from lightning_qlora.plugins.checkpoint_io import load_checkpoint_file
 from lightning_qlora.plugins.precision import NF4Precision
 from lightning_qlora.utils.modules import model_root
@@ -170,6 +170,16 @@ class Inference:
     def encode(self, prompts: list[str]) -> dict[str, Any]:
         """Left-padded ``input_ids``/``attention_mask`` for rendered prompts."""
         return encode_prompts(self.tokenizer, prompts, self.add_special_tokens)
+
+    def context_window(self) -> int | None:
+        """The model's context window from its ``config.json``, read without building the model (None: unknown)."""
+        model_dir = getattr(self.module, "model_dir", None)
+        if model_dir is None:
+            return None
+        from transformers import AutoConfig
+
+        trust = bool(getattr(self.module, "hparams", {}).get("trust_remote_code", False))
+        return context_window(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust))
 
 
 class InferenceCLI(LightningCLI):

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP side of ``lightning-qlora serve``: LitServe's ``OpenAISpec`` plus what it lacks.
 
-LitServe's ``OpenAISpec`` serves ``/v1/chat/completions`` (JSON and server-sent events). :class:`OpenAIServeSpec`
-checks and renders every request in the API server, before it is queued (so bad input is a 400 JSON error, also
-for a streamed request, and never reaches the model's worker), reports ``length`` when ``max_tokens`` ended an answer,
-and adds ``/v1/completions`` (plain prompts) and ``/v1/models`` on the same worker queue: one model in memory.
+LitServe's ``OpenAISpec`` brings the request schema, the worker queue and the app. :class:`OpenAIServeSpec` checks and
+renders every request in the API server, before it is queued (so bad input is a 400 JSON error, also for a streamed
+request, and never reaches the model's worker), and answers ``/v1/chat/completions`` and ``/v1/completions`` itself:
+each of ``n`` choices whole also when streamed (LitServe's stream stops at the shortest), its own finish reason
+(``length`` when ``max_tokens`` ended it), seed ``seed + i`` for choice ``i``, a prompt's tokens counted once, one id
+per response, ``stream_options.include_usage``; ``/v1/models`` lists the one model in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from fastapi import BackgroundTasks, FastAPI, HTTPException, Request
@@ -33,11 +35,20 @@ MAX_CHOICES = 8
 """Most completions one request may ask for (``n`` times the number of prompts)."""
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    include_usage: bool = False
+
+
 class ChatRequest(ChatCompletionRequest):
-    """LitServe's chat request with the OpenAI fields it lacks."""
+    """LitServe's chat request with the OpenAI fields it lacks (the unsupported ones are read to be refused)."""
 
     seed: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    stream_options: StreamOptions | None = None
 
 
 class PreparedChat(ChatRequest):
@@ -57,6 +68,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = None
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     echo: bool = False
@@ -192,16 +204,18 @@ class OpenAIServeSpec(OpenAISpec):
         }
 
     async def chat_completion(self, request: ChatRequest, background_tasks: BackgroundTasks) -> Any:  # type: ignore[override]
-        """``POST /v1/chat/completions``: check and render, then LitServe's own queueing and responses."""
+        """``POST /v1/chat/completions``: checked and rendered, ``n`` choices queued for the worker; JSON or SSE."""
         try:
             refuse_unsupported(
                 request,
                 {"tools": (None, []), "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
-                 "logprobs": (None, False), "response_format": (None, ResponseFormatText(type="text"))},
+                 "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+                 "response_format": (None, ResponseFormatText(type="text"))},
             )  # fmt: skip
             if request.n is None or not 1 <= request.n <= MAX_CHOICES:
                 raise ValueError(f"'n'={request.n!r}: ask for 1 to {MAX_CHOICES} choices")
-            max_tokens = request.max_completion_tokens or request.max_tokens
+            max_tokens = request.max_completion_tokens
+            max_tokens = request.max_tokens if max_tokens is None else max_tokens
             if max_tokens is not None and max_tokens < 1:
                 raise ValueError(f"'max_tokens'={max_tokens!r}: ask for at least 1 token")
             options = self.renderer.options(request, max_tokens)
@@ -209,28 +223,26 @@ class OpenAIServeSpec(OpenAISpec):
         except ValueError as err:
             raise bad_request(err) from None
         data = request.model_dump(exclude_unset=True)
-        prepared = PreparedChat(**data, prompt_text=prompt, options=asdict(options))
-        prepared.model = request.model or self.model_name
-        return await super().chat_completion(prepared, background_tasks)
-
-    async def non_streaming_completion(self, request: ChatCompletionRequest, generator_list: list) -> Any:
-        """LitServe's response, with each choice's real finish reason (``length`` when ``max_tokens`` ended it)."""
-        reasons: dict[int, str] = {}
-        response = await super().non_streaming_completion(request, _watched(generator_list, reasons))
-        for choice in response.choices:
-            choice.finish_reason = reasons.get(choice.index, "stop")  # type: ignore[assignment]
-        return response
-
-    async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list) -> AsyncIterator[str]:
-        """LitServe's event stream, with each choice's real finish reason in the last chunk."""
-        reasons: dict[int, str] = {}
-        async for event in super().streaming_completion(request, _watched(pipe_responses, reasons)):
-            if reasons and '"finish_reason":"stop"' in event:
-                chunk = json.loads(event[len("data: ") :])
-                for choice in chunk["choices"]:
-                    choice["finish_reason"] = reasons.get(choice["index"], "stop")
-                event = f"data: {json.dumps(chunk)}\n\n"
-            yield event
+        pipes = [
+            self._enqueue(PreparedChat(**data, prompt_text=prompt, options=asdict(choice_options(options, i))))
+            for i in range(request.n)
+        ]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": request.model or self.model_name}  # fmt: skip
+        if request.stream:
+            usage = bool(request.stream_options and request.stream_options.include_usage)
+            events = _events(head, pipes, self.response_buffer, request.n, usage, chat=True)
+            return StreamingResponse(events, media_type="text/event-stream", background=background_tasks)
+        choices, usage_counts = [], _usage()
+        for index, (uid, pipe) in enumerate(pipes):
+            text, reason = [], "stop"
+            async for output in _outputs(pipe, uid, self.response_buffer):
+                text.append(output.get("content") or "")
+                reason = output.get("finish_reason") or reason
+                _count(usage_counts, output, prompt=index == 0)
+            message = {"role": "assistant", "content": "".join(text)}
+            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": reason})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage_counts}
 
     async def completion(self, request: CompletionRequest, background_tasks: BackgroundTasks) -> Any:
         """``POST /v1/completions``: plain prompts (no chat template), JSON or server-sent events."""
@@ -245,29 +257,33 @@ class OpenAIServeSpec(OpenAISpec):
                 raise ValueError(f"'prompt' and 'n': ask for 1 to {MAX_CHOICES} completions of non-empty prompts")
             if request.max_tokens is not None and request.max_tokens < 1:
                 raise ValueError(f"'max_tokens'={request.max_tokens!r}: ask for at least 1 token")
-            options = asdict(self.renderer.options(request, request.max_tokens))
+            options = self.renderer.options(request, request.max_tokens)
             for prompt in prompts:
                 self.renderer.check_length(prompt, True)
         except ValueError as err:
             raise bad_request(err) from None
+        n = request.n
         pipes = [
-            self._enqueue(PreparedCompletion(prompt_text=p, options=options)) for p in prompts for _ in range(request.n)
+            self._enqueue(PreparedCompletion(prompt_text=p, options=asdict(choice_options(options, i))))
+            for p in prompts
+            for i in range(n)
         ]
-        model, cid, created = request.model or self.model_name, f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-        head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        model, cid, created = request.model or self.model_name, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": cid, "created": created, "model": model}
         if request.stream:
-            events = _completion_events(head, pipes, self.response_buffer)
-            return StreamingResponse(events, media_type="text/event-stream")
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            usage = bool(request.stream_options and request.stream_options.include_usage)
+            return StreamingResponse(
+                _events(head, pipes, self.response_buffer, n, usage, chat=False), media_type="text/event-stream"
+            )
+        choices, usage_counts = [], _usage()
         for index, (uid, pipe) in enumerate(pipes):
             text, reason = [], "stop"
-            async for data in _outputs(pipe, uid, self.response_buffer):
-                text.append(data.get("text", ""))
-                reason = data.get("finish_reason") or reason
-                for key in usage:
-                    usage[key] += int(data.get(key, 0))
+            async for output in _outputs(pipe, uid, self.response_buffer):
+                text.append(output.get("text", ""))
+                reason = output.get("finish_reason") or reason
+                _count(usage_counts, output, prompt=index % n == 0)
             choices.append({"text": "".join(text), "index": index, "logprobs": None, "finish_reason": reason})
-        return {**head, "choices": choices, "usage": usage}
+        return {**head, "object": "text_completion", "choices": choices, "usage": usage_counts}
 
     def _enqueue(self, item: PreparedCompletion) -> tuple[uuid.UUID, AsyncIterator]:
         """Queue one completion for the model's worker (as LitServe's chat endpoint does); its output stream."""
@@ -290,32 +306,63 @@ async def _outputs(pipe: AsyncIterator, uid: Any, buffer: dict) -> AsyncIterator
         buffer.pop(uid, None)
 
 
-async def _completion_events(head: dict[str, Any], pipes: list, buffer: dict) -> AsyncIterator[str]:
-    """Server-sent events of ``/v1/completions``: a chunk per text piece, the finish reason last, then ``[DONE]``."""
+def choice_options(options: GenerationOptions, index: int) -> GenerationOptions:
+    """Choice ``index``'s decoding options: with a seed, ``seed + index`` (n seeded choices differ, yet repeat)."""
+    return options if options.seed is None else replace(options, seed=options.seed + index)
+
+
+def _usage() -> dict[str, int]:
+    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def _count(usage: dict[str, int], output: dict[str, Any], prompt: bool) -> None:
+    """Add one worker output's token counts; a prompt answered ``n`` times counts once (``prompt`` on the first)."""
+    if prompt:
+        usage["prompt_tokens"] += int(output.get("prompt_tokens", 0))
+    usage["completion_tokens"] += int(output.get("completion_tokens", 0))
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def _events(
+    head: dict[str, Any], pipes: list, buffer: dict, n: int, include_usage: bool, chat: bool
+) -> AsyncIterator[str]:
+    """Server-sent events, one choice per chunk, choices in order (each one whole, however long the others are).
+
+    A chat choice opens with its role, then content pieces; a completion choice sends text pieces; each ends with a
+    chunk carrying its finish reason. With ``include_usage`` every chunk has ``usage: null`` and a last chunk with
+    no choices has the request's usage (OpenAI's ``stream_options``). Then ``[DONE]``; an error is one error event.
+    ``n`` is the number of choices per prompt: each prompt's tokens count once in the usage.
+    """
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    usage = _usage()
+
+    def event(choices: list[dict[str, Any]], usage_value: dict[str, int] | None = None) -> str:
+        body = {**head, "object": kind, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_value
+        return f"data: {json.dumps(body)}\n\n"
+
+    def choice(index: int, piece: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        body = {"index": index, "delta": piece} if chat else {"index": index, "text": piece.get("content", "")}
+        return {**body, "logprobs": None, "finish_reason": reason}
+
     try:
         for index, (uid, pipe) in enumerate(pipes):
-            async for data in _outputs(pipe, uid, buffer):
-                reason = data.get("finish_reason")
-                if data.get("text") or reason:
-                    choice = {"text": data.get("text", ""), "index": index, "logprobs": None, "finish_reason": reason}
-                    yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            if chat:
+                yield event([choice(index, {"role": "assistant", "content": ""})])
+            reason = "stop"
+            async for output in _outputs(pipe, uid, buffer):
+                reason = output.get("finish_reason") or reason
+                _count(usage, output, prompt=index % n == 0)
+                piece = output.get("content") if chat else output.get("text")
+                if piece:
+                    yield event([choice(index, {"content": piece})])
+            yield event([choice(index, {}, reason)])
+        if include_usage:
+            yield event([], usage)
         yield "data: [DONE]\n\n"
     except HTTPException as err:
         yield f"data: {json.dumps(error_body(err.status_code, str(err.detail)))}\n\n"
-
-
-def _watched(pipes: list, reasons: dict[int, str]) -> list:
-    """The pipes, each noting its choice's ``finish_reason`` as the worker's outputs pass through."""
-
-    async def watch(index: int, pipe: AsyncIterator) -> AsyncIterator:
-        async for response, status in pipe:
-            if status == LitAPIStatus.OK:
-                reason = json.loads(response).get("finish_reason")
-                if reason:
-                    reasons[index] = reason
-            yield response, status
-
-    return [watch(i, pipe) for i, pipe in enumerate(pipes)]
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -340,4 +387,4 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]  # 404, 405 too
 
 
-__all__ = ["CompletionRequest", "OpenAIServeSpec", "PromptRenderer", "add_error_handlers"]
+__all__ = ["CompletionRequest", "OpenAIServeSpec", "PromptRenderer", "add_error_handlers", "choice_options"]

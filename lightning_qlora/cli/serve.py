@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import Inference, InferenceCLI, quiet_lightning
 from lightning_qlora.cli.openai_spec import OpenAIServeSpec, PreparedCompletion, PromptRenderer, add_error_handlers
-from lightning_qlora.models.generation import GenerationOptions, TextStream, context_window, encode_prompts
+from lightning_qlora.models.generation import GenerationOptions, TextStream, encode_prompts
 from lightning_qlora.utils.errors import first_line
 
 DESCRIPTION = "Serve the fine-tuned model over an OpenAI-compatible HTTP API (LitServe)."
@@ -162,17 +162,6 @@ def served_name(inference: Inference) -> str:
     return Path(str(getattr(inference.module, "source", "model"))).stem or "model"
 
 
-def _model_context_window(inference: Inference) -> int | None:
-    """The context window from the model's ``config.json``, read without building the model."""
-    model_dir = getattr(inference.module, "model_dir", None)
-    if model_dir is None:
-        return None
-    from transformers import AutoConfig
-
-    trust = bool(getattr(inference.module, "hparams", {}).get("trust_remote_code", False))
-    return context_window(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust))
-
-
 def serve_api(
     args: list[str], parser_class: type[LightningArgumentParser], check_port: bool = False
 ) -> tuple[QLoRAServeAPI, InferenceCLI]:
@@ -198,7 +187,7 @@ def serve_api(
     cli = InferenceCLI(args, parser_class, "lightning-qlora serve", DESCRIPTION, _arguments, check_arguments=check)
     config = cli.config_init
     inference = cli.inference()
-    window = _model_context_window(inference)
+    window = inference.context_window()
     renderer = PromptRenderer(inference.tokenizer, inference.style, inference.system_prompt, window, inference.options)
     spec = OpenAIServeSpec(renderer, config["model_name"] or served_name(inference))
     return QLoRAServeAPI(args, parser_class, spec), cli

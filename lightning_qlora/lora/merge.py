@@ -181,10 +181,15 @@ def _merged_config(model: nn.Module) -> Iterator[None]:
     """Describe the merged model in its config while transformers saves it; the live config is restored after.
 
     No ``quantization_config``; ``dtype`` = the dtype holding most parameters; ``tie_word_embeddings=False`` when an
-    adapter on a tied head made the head differ from the embeddings (transformers would otherwise save only one).
+    adapter on a tied head made the head differ from the embeddings (transformers would otherwise save only one). The
+    model's ``hf_quantizer`` (set when it was loaded in 4 bits) is lifted too: its layers are plain now, and
+    transformers refuses to save a model whose quantizer is not serializable.
     """
     config = model.config
     saved = dict(config.__dict__)
+    quantizer = model.__dict__.get("hf_quantizer")
+    if quantizer is not None:
+        model.hf_quantizer = None
     tied = _tied_pairs(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     if any(t in params and s in params and params[t] is not params[s] for t, s in tied.items()):
@@ -202,6 +207,8 @@ def _merged_config(model: nn.Module) -> Iterator[None]:
     finally:
         config.__dict__.clear()
         config.__dict__.update(saved)
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
 
 
 def save_merged_safetensors(model: nn.Module, directory: str | os.PathLike) -> Path:

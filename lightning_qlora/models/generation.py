@@ -42,7 +42,9 @@ class GenerationOptions:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: pass a whole number >= 1 (e.g. 256)")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature={self.temperature!r}: pass a number >= 0 (0 = greedy, e.g. 0.7 to sample)")
+            raise ValueError(
+                f"temperature={self.temperature!r}: pass a number from 0 to 100 (0 = greedy, e.g. 0.7 to sample)"
+            )
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1 or math.isnan(self.top_p):
             raise ValueError(f"top_p={self.top_p!r}: pass a number in (0, 1] (1 = off)")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -221,9 +223,43 @@ def generate(
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be padded on the left (the last column holds every row's last prompt token)")
-    device = _device(model)
-    kwargs = generate_kwargs(model, tokenizer, options, int(input_ids.shape[1]))
     seed = options.seed if seed is None else seed
+    lengths = attention_mask.sum(dim=1).tolist()
+    window = context_window(getattr(model, "config", None))
+    for row, length in enumerate(lengths):
+        if window is not None and length >= window:
+            raise ValueError(
+                f"prompt {row} of the batch is {length} tokens but the model's context window is {window} tokens; "
+                "shorten it"
+            )
+    # Each row may generate up to the window less its own prompt: rows that window cuts shorter than max_new_tokens
+    # are generated apart (grouped by that budget), so no row's answer depends on the other prompts of its batch.
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        budget = options.max_new_tokens if window is None else min(options.max_new_tokens, window - length)
+        groups.setdefault(budget, []).append(row)
+    if len(groups) == 1:
+        return _generate_batch(model, tokenizer, input_ids, attention_mask, options, seed)
+    completions: list[Completion | None] = [None] * len(lengths)
+    for rows in groups.values():
+        width = max(lengths[r] for r in rows)  # the group's padding: its longest prompt
+        ids, mask = input_ids[rows, -width:], attention_mask[rows, -width:]
+        for row, completion in zip(rows, _generate_batch(model, tokenizer, ids, mask, options, seed)):
+            completions[row] = completion
+    return completions  # type: ignore[return-value]
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: GenerationOptions,
+    seed: int | None,
+) -> list[Completion]:
+    """One ``model.generate`` call over a left-padded batch whose rows all get the same token budget."""
+    device = _device(model)
+    kwargs = generate_kwargs(model, tokenizer, options, int(attention_mask.sum(dim=1).max()))
     with _seeded(seed if options.sample else None, device):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
     new = out[:, input_ids.shape[1] :].tolist()

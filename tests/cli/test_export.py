@@ -22,7 +22,7 @@ from lightning_qlora.lora.layer import (
 from lightning_qlora.lora.peft_format import export_peft
 from lightning_qlora.models.gguf_export import GGUF_FILE_NAME
 from lightning_qlora.models.sources import load_causal_lm
-from lightning_qlora.quantization.nf4 import QuantizationConfig
+from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight
 
 LORA = LoRAConfig(r=4, alpha=8, dropout=0.0)
 NF4 = QuantizationConfig(compute_dtype=torch.float32)
@@ -108,8 +108,6 @@ def run(args, capsys):
 def test_gguf_from_a_checkpoint_merges_into_the_4bit_base_it_was_trained_on(tiny_llama_dir, adapters, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lightning_qlora.quantization.nf4 import dequantize_weight
-
     _, ckpt, pairs = adapters
     code, out, err = run(["--format", "gguf", "--adapter", ckpt, "--out", tmp_path / "gguf"], capsys)
     assert code == 0, err
@@ -141,6 +139,27 @@ def test_safetensors_from_a_peft_folder_equals_peft_merge(tiny_llama_dir, adapte
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").encode(text) == (
         AutoTokenizer.from_pretrained(tiny_llama_dir).encode(text)
     )
+
+
+def test_safetensors_by_default_merges_into_the_4bit_base_and_loads_in_transformers(
+    tiny_llama_dir, adapters, tmp_path, capsys
+):
+    """The README's command: no ``--base-weights``, so the adapter goes into the NF4 weights it was trained against."""
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt, pairs = adapters
+    code, out, err = run(
+        ["--format", "safetensors", "--adapter", ckpt, "--dtype", "fp32", "--out", tmp_path / "m"], capsys
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    base = load_causal_lm(tiny_llama_dir, NF4, dtype=torch.float32)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a, b = pairs[name]
+        exact = dequantize_weight(base.get_submodule(name), torch.float64) + LORA.scaling * b.double() @ a.double()
+        torch.testing.assert_close(back.get_submodule(name).weight, exact.float(), rtol=0, atol=1e-6)
 
 
 def test_peft_from_a_checkpoint_keeps_the_adapter(adapters, tmp_path, capsys):

@@ -175,7 +175,9 @@ def test_a_failed_run_keeps_the_old_output_and_leaves_no_temp_file(run, capsys, 
             "--max_new_tokens", "2"]  # fmt: skip
     code, err = run_generate(args, capsys, monkeypatch)
     errors = [line for line in err.splitlines() if line.startswith("lightning-qlora: error:")]
-    assert code == 2 and len(errors) == 1 and "context window of 256" in errors[0], err
+    assert code == 2 and len(errors) == 1, err
+    assert "long.jsonl line 2: the prompt is" in errors[0] and "context window is 256 tokens" in errors[0], err
+    assert "lightning-qlora generate: " not in err  # refused before the model loaded
     assert out.read_text() == "old\n"
     assert sorted(p.name for p in run["root"].iterdir() if p.name.startswith(".kept")) == []
 

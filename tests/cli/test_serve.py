@@ -156,6 +156,28 @@ def test_a_streamed_chat(client, expected):
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
 
 
+def test_n_seeded_choices_differ_repeat_and_stream_whole(client, expected):
+    """n=3 sampled with a seed: choice i samples with seed + i; streamed, every choice runs to its own end."""
+    ask = {"n": 3, "temperature": 1.5, "seed": 7, "max_tokens": 6}
+    whole = chat(client, **ask)
+    texts = [c.message.content for c in whole.choices]
+    assert [c.index for c in whole.choices] == [0, 1, 2] and len(set(texts)) == 3, texts
+    assert texts == [c.message.content for c in chat(client, **ask).choices]  # seeded: repeats
+    assert whole.usage.prompt_tokens == expected["chat"].prompt_tokens  # the prompt counts once, not n times
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}, **ask))
+    streamed, reasons = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None and len(chunk.choices) == 1
+        streamed[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+        reasons[chunk.choices[0].index] = chunk.choices[0].finish_reason or reasons[chunk.choices[0].index]
+    assert streamed == texts and reasons == [c.finish_reason for c in whole.choices]
+    assert len({c.id for c in chunks}) == 1  # one id for the whole response
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    completions = client.completions.create(model="run", prompt=PROMPT, max_tokens=5, n=2, temperature=1.0, seed=3)
+    assert completions.usage.prompt_tokens == expected["completion"].prompt_tokens
+    assert completions.choices[0].text != completions.choices[1].text
+
+
 def test_eight_concurrent_requests_are_all_answered(client, expected):
     def ask(i):
         if i % 2:
@@ -180,6 +202,8 @@ MALFORMED = [
     ),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}], "stream": True}),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 100}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}),
     ("POST", "/v1/completions", {"prompt": [1, 2, 3]}),
     ("POST", "/v1/completions", {"prompt": "fox " * 300}),
     ("POST", "/v1/completions", {"prompt": "hi", "top_p": 0}),

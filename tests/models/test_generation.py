@@ -112,5 +112,22 @@ def test_right_padding_and_an_overlong_prompt_are_refused(model, tiny_tokenizer)
     with pytest.raises(ValueError, match="left"):
         generate(model, tiny_tokenizer, ids, torch.tensor([[1, 1, 1], [1, 1, 0]]), GenerationOptions(2))
     long = torch.full((1, 256), 5)
-    with pytest.raises(ValueError, match="context window of 256"):
+    with pytest.raises(ValueError, match="prompt 0 of the batch is 256 tokens but the model's context window is 256"):
         generate(model, tiny_tokenizer, long, torch.ones_like(long), GenerationOptions(2))
+
+
+def test_a_prompt_near_the_window_does_not_shorten_the_other_rows_answers(model, tiny_tokenizer):
+    """Each row gets max_new_tokens or the window less its own prompt, whatever else is in its batch."""
+    prompts = ["the cat", "fox " * 235, "Question: What is the capital of France? Answer:"]
+    batch = encode_prompts(tiny_tokenizer, prompts, add_special_tokens=True)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert 256 - 30 < lengths[1] < 256 - 8  # the long row's budget is under max_new_tokens
+    options = GenerationOptions(30)
+    with torch.no_grad():
+        together = generate(model, tiny_tokenizer, batch["input_ids"], batch["attention_mask"], options)
+        for prompt, completion, length in zip(prompts, together, lengths):
+            one = encode_prompts(tiny_tokenizer, [prompt], add_special_tokens=True)
+            (alone,) = generate(model, tiny_tokenizer, one["input_ids"], one["attention_mask"], options)
+            assert completion.token_ids == alone.token_ids and completion.finish_reason == alone.finish_reason
+            assert len(completion.token_ids) <= min(30, 256 - length)
+    assert len(together[0].token_ids) > 256 - lengths[1]  # more than the long row's room: its own budget

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -101,7 +102,8 @@ class JSONLPredictionWriter(BasePredictionWriter):
 
     def _discard(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._handle.close()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
         self._handle = self._tmp = None

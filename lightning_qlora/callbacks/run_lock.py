@@ -25,7 +25,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_qlora.utils.atomic import OutputNotWritableError, check_writable, not_writable_message, pid_alive
+from lightning_qlora.utils.atomic import (
+    DiskFullError,
+    OutputNotWritableError,
+    check_writable,
+    is_disk_full,
+    not_writable_message,
+    pid_alive,
+)
 
 __all__ = [
     "LOCK_NAME",
@@ -91,10 +98,16 @@ class RunDirLock:
                 continue
             except OSError as err:
                 raise OutputNotWritableError(not_writable_message(self.folder, "default_root_dir", err)) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(_me(), handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(_me(), handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as err:  # a full disk, say: no empty lock left behind to refuse the next run
+                self.path.unlink(missing_ok=True)
+                if is_disk_full(err):
+                    raise DiskFullError(self.path) from err
+                raise
             _HELD[key] = 1
             self.held = True
             return self

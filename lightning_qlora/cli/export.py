@@ -215,6 +215,23 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"export: recipe {args.config} does not exist; pass the YAML you trained with")
 
 
+def _check_out(out: Path, source: ExportSource, adapter: Path | None) -> None:
+    """Refuse an ``--out`` that is the base model's folder or the adapter's (the export would replace its input)."""
+    from lightning_qlora.models.sources import resolve_model_dir
+
+    inputs = {"the adapter": adapter} if adapter is not None and adapter.is_dir() else {}
+    try:
+        inputs["the base model"] = Path(resolve_model_dir(source.model, source.cache_dir))
+    except Exception:  # not resolvable here (a hub id offline, say): loading the model says why, later
+        pass
+    target = out.expanduser().resolve()
+    for what, folder in inputs.items():
+        if target == folder.expanduser().resolve():
+            raise ValueError(
+                f"export: --out {out} is the folder of {what}, which the export would replace; pick another"
+            )
+
+
 def export_command(argv: list[str]) -> None:
     """Run ``lightning-qlora export`` with the arguments after ``export`` (``--help`` lists them).
 
@@ -230,6 +247,7 @@ def export_command(argv: list[str]) -> None:
     adapter = Path(args.adapter).expanduser() if args.adapter else None
     checkpoint = _checkpoint(adapter) if adapter is not None and adapter.is_file() else None
     source = resolve_source(args, checkpoint)
+    _check_out(Path(args.out), source, adapter)
     if args.format == "gguf":  # refuse an unsupported architecture before anything is loaded
         from lightning_qlora.models.gguf_export import gguf_architecture
         from lightning_qlora.models.sources import load_config, resolve_model_dir

@@ -15,6 +15,7 @@ predictions into ``--output``, which appears complete or not at all.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -95,6 +96,8 @@ def generate_command(args: list[str], parser_class: type[LightningArgumentParser
     batch_size = config["batch_size"]
     if type(batch_size) is not int or batch_size < 1:
         raise ValueError(f"--batch_size {batch_size!r}: pass a whole number >= 1")
+    if Path(config["output"]).expanduser().resolve() == Path(config["prompts"]).expanduser().resolve():
+        raise ValueError(f"--output {config['output']} is the --prompts file; write the predictions to another file")
     writer = JSONLPredictionWriter(config["output"])
     inference = cli.inference()
     items = prompt_items(inference, config["prompts"], config["format"])  # bad rows fail before the model loads

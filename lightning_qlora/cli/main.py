@@ -154,9 +154,12 @@ class QLoRACLI(LightningCLI):
 
     @override
     def _parse_ckpt_path(self) -> None:
-        """Read ``--ckpt_path`` once, safely (``weights_only``, one-line errors), and apply its model hparams.
+        """Read ``--ckpt_path`` once, safely (``weights_only``, one-line errors); the config's model arguments win.
 
-        Lightning's CLI restores the model's init arguments from the checkpoint (they win over the config).
+        Lightning's CLI would replace the model's arguments with the checkpoint's, silently dropping the config's and
+        the command line's (``--model.init_args.lr``), and even the base model: a checkpoint path would then resume
+        as ``--ckpt_path last`` does not. Here both resume the model the config describes; the arguments that differ
+        from the checkpoint's are named in one line, and the checkpoint's guards refuse another base or LoRA setting.
         """
         from lightning_qlora.plugins.checkpoint_io import load_checkpoint_file
 
@@ -165,12 +168,20 @@ class QLoRACLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or _is_sharded_checkpoint(ckpt_path):
             return
         hparams = dict(load_checkpoint_file(ckpt_path).get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        init_args = self.config[subcommand].get("model", {}).get("init_args") or {}
+        ours = dict(init_args.items()) if hasattr(init_args, "items") else {}
+        changed = [
+            f"{key}={ours[key]!r} (trained with {value!r})"
+            for key, value in hparams.items()
+            if not key.startswith("_") and key in ours and str(ours[key]) != str(value)
+        ]
+        if changed:
+            print(
+                f"lightning-qlora {subcommand}: resuming {ckpt_path} with the config's model arguments: "
+                f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -296,7 +307,7 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("LIGHTNING_QLORA_DEBUG") or not is_disk_full(err):
             raise
         if not isinstance(err, DiskFullError):
-            err = DiskFullError(err.filename or "a file", None)
+            err = DiskFullError(err.filename, None)
         print(f"lightning-qlora: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -22,18 +22,19 @@ class DiskFullError(OSError):
     """A write that ran out of space: one line naming the file (or folder), the bytes it needed and those free.
 
     Args:
-        path: what was being written.
+        path: what was being written (None: not known; the free space is then not said either).
         needed: bytes the write needed, when known.
     """
 
-    def __init__(self, path: str | os.PathLike, needed: int | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None, needed: int | None = None) -> None:
+        self.path = Path(path) if path is not None else None
         self.needed = needed
-        free = _free_bytes(self.path)
+        free = _free_bytes(self.path) if self.path is not None else None
         sizes = [f"it needs {needed:,} bytes ({format_bytes(needed)})"] if needed is not None else []
         sizes += [f"{free:,} bytes free there"] if free is not None else []
         where = f" ({', '.join(sizes)})" if sizes else ""
-        message = f"cannot write {self.path}: No space left on device{where}; free some space or choose another folder"
+        what = self.path if self.path is not None else "a file (the writer did not say which)"
+        message = f"cannot write {what}: No space left on device{where}; free some space or choose another folder"
         super().__init__(errno.ENOSPC, message)
 
     def __str__(self) -> str:
@@ -106,13 +107,15 @@ def _exchange(a: Path, b: Path) -> bool:
 def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool]) -> Iterator[Path]:
     """Write a directory's files into a temporary sibling, then swap it into place.
 
-    How: the body writes into ``.<name>.tmp-*`` next to ``directory`` (same file system; mode of the old folder, or
-    the umask default). On success: entries of an existing ``directory`` that ``owned`` does not claim (a tokenizer,
-    a README) are hard-linked in (copied across file systems); every file and folder is fsynced; the two folders are
-    exchanged by one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), or where that is unavailable the old folder is
-    renamed aside to ``.<name>.old-*`` and the new one renamed into place (a crash between those two renames leaves
-    ``directory`` missing with both complete copies beside it); the parent is fsynced and the old copy deleted. If
-    the body raises, the temporary folder is removed and ``directory`` is untouched.
+    How: the body writes into ``.<name>.tmp-<pid>-*`` next to ``directory`` (same file system; mode of the old
+    folder, or the umask default; such folders of a writer that was killed are removed first). On success: entries
+    of an existing ``directory`` that ``owned`` does not claim (a tokenizer, a README) are hard-linked in (copied
+    across file systems); every file and folder is fsynced; the two folders are exchanged by one atomic
+    ``renameat2(RENAME_EXCHANGE)`` (Linux), or where that is unavailable the old folder is renamed aside to
+    ``.<name>.old-*`` and the new one renamed into place (a crash between those two renames leaves ``directory``
+    missing with both complete copies beside it); the parent is fsynced and the old copy deleted. If the body
+    raises, the temporary folder is removed and ``directory`` is untouched; a full disk is then a
+    :class:`DiskFullError` naming the file as ``directory`` would hold it (or ``directory``).
 
     Args:
         directory: the folder to create or replace.
@@ -128,12 +131,20 @@ def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool])
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory; pass a folder path to write into")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_folders(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}{os.getpid()}-", dir=target.parent))
     try:
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~umask)  # mkdtemp gives 0700
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # name the file as it will be called, on the device that is full
+            if not is_disk_full(err) or isinstance(err, DiskFullError):
+                raise
+            written = Path(err.filename) if isinstance(err.filename, str) else None
+            inside = written is not None and written.is_relative_to(tmp)
+            raise DiskFullError(target / written.relative_to(tmp) if inside else target) from err  # type: ignore[union-attr]
         if target.is_dir():
             for entry in target.iterdir():
                 if owned(entry.name) or (tmp / entry.name).exists():
@@ -163,6 +174,14 @@ def atomic_directory(directory: str | os.PathLike, owned: Callable[[str], bool])
         fsync_path(target.parent, directory=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_folders(target: Path) -> None:
+    """Delete the temporary and old copies beside ``target`` that a killed process left (``.<name>.tmp-<pid>-*``)."""
+    for entry in target.parent.glob(f".{target.name}{TEMP_MARK}*-*"):
+        pid = entry.name[len(f".{target.name}{TEMP_MARK}") :].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

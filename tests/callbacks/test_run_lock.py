@@ -212,3 +212,18 @@ def test_resume_last_finds_the_newest_complete_checkpoint_or_says_why_not(tmp_pa
     (folder / "last-v1.ckpt").write_bytes(b"y")
     os.utime(folder / "last.ckpt", (1, 1))
     assert resolve_resume_last([folder]) == str(folder / "last-v1.ckpt")
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / LOCK_NAME}: No space left on device"):
+        RunDirLock(tmp_path).__enter__()
+    monkeypatch.undo()
+    assert not (tmp_path / LOCK_NAME).exists()
+    with RunDirLock(tmp_path):  # the next run is not refused by an empty lock
+        pass

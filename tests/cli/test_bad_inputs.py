@@ -430,11 +430,20 @@ def checkpoint_on_a_copy(w, name: str) -> tuple[Path, Path]:
     return base, w / "cases" / f"{name}-ckpts" / "last.ckpt"
 
 
+def on(base):
+    """A recipe edit: train ``base``."""
+
+    def edit(c):
+        c["model"]["init_args"]["model"] = str(base)
+
+    return edit
+
+
 def checkpoint_from_another_base(w):
-    # the CLI takes the model's arguments from the checkpoint, so "another base" means other weights at that path
+    # the same path, other weights there now (the config names the model; a checkpoint path does not replace it)
     base, ckpt = checkpoint_on_a_copy(w, "replaced")
     build_tiny_llama(seed=1).save_pretrained(base)
-    return ["fit", "--config", recipe(w), f"--ckpt_path={ckpt}"], "base model"
+    return ["fit", "--config", recipe(w, on(base)), f"--ckpt_path={ckpt}"], "base model"
 
 
 def checkpoint_from_a_merged_base(w):
@@ -444,7 +453,7 @@ def checkpoint_from_a_merged_base(w):
     for key in [k for k in tensors if k.endswith("q_proj.weight")]:
         tensors[key] = tensors[key] + 0.05 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(0))
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
-    return ["fit", "--config", recipe(w), f"--ckpt_path={ckpt}"], "other 4-bit weights"
+    return ["fit", "--config", recipe(w, on(base)), f"--ckpt_path={ckpt}"], "other 4-bit weights"
 
 
 def checkpoint_with_other_lora_rank(w):

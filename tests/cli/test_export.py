@@ -335,3 +335,16 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny_llama_dir, adapters, tmp_pa
     assert lines[-1].startswith("lightning-qlora: error: ") and expected in lines[-1], err  # above it: load progress
     assert sum("error" in line for line in lines) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_is_an_input_is_refused_and_left_alone(tiny_llama_dir, adapters, tmp_path, capsys):
+    peft_dir = adapters[0]
+    cases = [
+        (["--format", "safetensors", "--adapter", peft_dir, "--model", tiny_llama_dir], tiny_llama_dir, "base model"),
+        (["--format", "peft", "--adapter", peft_dir], peft_dir, "adapter"),
+    ]
+    for args, folder, what in cases:
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        code, _, err = run([*args, "--out", folder], capsys)
+        assert code == 2 and f"--out {folder} is the folder of the {what}, which the export would replace" in err, err
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

@@ -207,3 +207,12 @@ def test_a_checkpoint_of_another_base_is_refused_in_one_line(run, capsys, monkey
         "e.g. model.embed_tokens.weight); use the base model and recipe it was trained with" in errors[0]
     ), err
     assert not out.exists()
+
+
+def test_an_output_that_is_the_prompts_file_is_refused(run, capsys, monkeypatch):
+    rows = run["root"] / "same.jsonl"
+    rows.write_text(json.dumps(ROWS[0]) + "\n")
+    args = ["--config", str(run["recipe"]), "--prompts", str(rows), "--output", str(rows)]
+    code, err = run_generate(args, capsys, monkeypatch)
+    assert code == 2 and f"--output {rows} is the --prompts file" in err, err
+    assert rows.read_text() == json.dumps(ROWS[0]) + "\n"

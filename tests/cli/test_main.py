@@ -178,3 +178,20 @@ def test_memory_bad_input_is_one_line(recipe, capsys, args, fragment):
     code, _, err = run_cli(argv, capsys)
     assert code == 2
     assert (fragment or "--config") in one_error_line(err)
+
+
+def test_a_checkpoint_path_resumes_with_the_configs_model_arguments(recipe, tmp_path, capsys):
+    """``--ckpt_path FILE`` resumes the model the config and command line describe, as ``--ckpt_path last`` does."""
+    import torch
+
+    main(["fit", "--config", str(recipe), "--trainer.max_steps=2"])
+    (first,) = (tmp_path / "run").rglob("*.ckpt")
+    kept = tmp_path / "step2.ckpt"
+    kept.write_bytes(first.read_bytes())
+    capsys.readouterr()
+    main(["fit", "--config", str(recipe), f"--ckpt_path={kept}", "--trainer.max_steps=3", "--model.init_args.lr=0.05"])
+    err = capsys.readouterr().err
+    assert f"resuming {kept} with the config's model arguments: lr=0.05 (trained with 0.005)" in err, err
+    newest = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    saved = torch.load(newest, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3 and saved["hyper_parameters"]["lr"] == 0.05

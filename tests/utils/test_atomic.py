@@ -86,3 +86,36 @@ def test_atomic_write_bytes_replaces_whole_files_only(tmp_path, monkeypatch):
         atomic.atomic_write_bytes(path, b"second")
     assert path.read_bytes() == b"first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_full_disk_in_the_body_names_the_file_as_it_would_be_called(tmp_path):
+    import errno
+
+    out = tmp_path / "gguf"
+    with pytest.raises(atomic.DiskFullError) as err, atomic.atomic_directory(out, owned=lambda n: True) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.gguf"))
+    assert str(err.value).startswith(f"cannot write {out / 'model.gguf'}: No space left on device (")
+    assert "bytes free there" in str(err.value)  # measured on the device that is full
+    with pytest.raises(atomic.DiskFullError) as err, atomic.atomic_directory(out, owned=lambda n: True):
+        raise OSError(errno.ENOSPC, "No space left on device")  # a writer that names no file: the folder
+    assert str(err.value).startswith(f"cannot write {out}: No space left on device")
+    unknown = str(atomic.DiskFullError(None))  # no file named: no free space of some other folder either
+    assert unknown.startswith("cannot write a file (the writer did not say which): No space left on device;")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_folders_a_killed_writer_left_beside_the_target_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = tmp_path / f".adapter.tmp-{proc.pid}-abc"  # a dead writer's
+    live = tmp_path / f".adapter.tmp-{os.getpid()}-xyz"  # this process's (another writer still at work)
+    other = tmp_path / f".other.tmp-{proc.pid}-abc"  # another target's
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_text("half")
+    with atomic.atomic_directory(tmp_path / "adapter", owned=lambda n: True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", live.name, other.name])

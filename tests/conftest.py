@@ -347,22 +347,24 @@ class Forked:
         return subprocess.CompletedProcess([self.pid], code, self.stdout_path.read_text(), self.stderr_path.read_text())
 
 
-def hold_run_lock(folder: Path, out_dir: Path) -> Forked:
+def hold_run_lock(folder: Path, out_dir: Path, beside: bool = False) -> Forked:
     """A live process (a fork) holding ``folder``'s run lock until killed; returns once the lock is held."""
     import json
     import time
 
-    from lightning_qlora.callbacks.run_lock import LOCK_NAME, RunDirLock
+    from lightning_qlora.callbacks.run_lock import RunDirLock
+
+    lock_path = RunDirLock(folder, beside=beside).path
 
     def hold() -> None:
-        RunDirLock(folder).acquire()
+        RunDirLock(folder, beside=beside).acquire()
         time.sleep(300)
 
     child = Forked(hold, out_dir, f"lock-holder-{os.getpid()}-{time.monotonic_ns()}")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if json.loads((Path(folder) / LOCK_NAME).read_text())["pid"] == child.pid:
+            if json.loads(lock_path.read_text())["pid"] == child.pid:
                 return child
         except (OSError, ValueError, KeyError):
             pass

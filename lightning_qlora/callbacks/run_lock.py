@@ -58,12 +58,19 @@ class RunDirLock:
     Re-entrant within a process (the CLI's lock and a :class:`RunLock` callback on the same folder do not collide).
 
     Args:
-        folder: the run's ``default_root_dir``.
+        folder: the run's ``default_root_dir`` (or a checkpoint ``dirpath``).
+        option: the setting that names the folder, for messages (``--trainer.default_root_dir``).
+        beside: lock a folder that is replaced as a whole (an adapter's ``export_dir``) with a file next to it,
+            ``.<name>.lightning_qlora.lock``, rather than one inside it.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder).expanduser().absolute()
-        self.path = self.folder / LOCK_NAME
+    def __init__(
+        self, folder: str | os.PathLike, option: str = "--trainer.default_root_dir", beside: bool = False
+    ) -> None:
+        self.target = Path(folder).expanduser().absolute()
+        self.folder = self.target.parent if beside else self.target
+        self.path = self.folder / (f".{self.target.name}{LOCK_NAME}" if beside else LOCK_NAME)
+        self.option = option
         self.held = False
 
     def acquire(self) -> RunDirLock:
@@ -83,21 +90,28 @@ class RunDirLock:
             _HELD[key] += 1
             self.held = True
             return self
-        check_writable(self.folder, "default_root_dir", probe=False)
+        label = self.option.removeprefix("--trainer.")
+        if self.folder == self.target:
+            check_writable(self.folder, label, probe=False)
+        else:  # a lock beside the target: its parent must exist; the target is what the message names
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OutputNotWritableError(not_writable_message(self.target, label, err)) from None
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_holder(self.path)
                 if holder is None or _is_alive(holder):
-                    raise RunDirLockedError(_locked_message(self.folder, self.path, holder)) from None
+                    raise RunDirLockedError(_locked_message(self.target, self.path, holder, self.option)) from None
                 if _remove_if_unchanged(self.path, holder):
                     rank_zero_info(
                         f"RunLock: replaced the stale lock {self.path} of a run that is gone (pid {holder.get('pid')})"
                     )
                 continue
             except OSError as err:
-                raise OutputNotWritableError(not_writable_message(self.folder, "default_root_dir", err)) from None
+                raise OutputNotWritableError(not_writable_message(self.target, label, err)) from None
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
                     json.dump(_me(), handle)
@@ -111,7 +125,7 @@ class RunDirLock:
             _HELD[key] = 1
             self.held = True
             return self
-        raise RunDirLockedError(_locked_message(self.folder, self.path, _read_holder(self.path)))
+        raise RunDirLockedError(_locked_message(self.target, self.path, _read_holder(self.path), self.option))
 
     def release(self) -> None:
         """Give the lock up; the file is removed when the last holder in this process lets go (if still ours)."""
@@ -243,7 +257,7 @@ def _release_all() -> None:
         _remove_own(Path(key))
 
 
-def _locked_message(folder: Path, path: Path, holder: dict[str, Any] | None) -> str:
+def _locked_message(folder: Path, path: Path, holder: dict[str, Any] | None, option: str) -> str:
     if not holder:
         who = "a run that is starting"
     else:
@@ -251,7 +265,4 @@ def _locked_message(folder: Path, path: Path, holder: dict[str, Any] | None) -> 
         who = f"pid {holder.get('pid')} on {holder.get('host')}, started {since}"
     other_host = bool(holder) and holder.get("host") != socket.gethostname()
     gone = f"; if that run is gone, delete {path}" if other_host or not holder else ""
-    return (
-        f"{folder} is in use by another run ({who}); wait for it to finish, or pass another "
-        f"--trainer.default_root_dir{gone}"
-    )
+    return f"{folder} is in use by another run ({who}); wait for it to finish, or pass another {option}{gone}"

@@ -1,7 +1,8 @@
 """What ``lightning-qlora fit`` checks from its parsed config before anything is built, loaded or written.
 
 :func:`check_fit_outputs` refuses a run that trains no step over an existing adapter, resolves ``--ckpt_path last``,
-takes the ``RunDirLock`` of ``default_root_dir`` (kept in :data:`CLI_LOCKS` until :func:`release_cli_locks`) and checks
+takes the ``RunDirLock`` of ``default_root_dir``, of each checkpoint ``dirpath`` and of each LoRA ``export_dir`` (kept
+in :data:`CLI_LOCKS` until :func:`release_cli_locks`) and checks
 that every output folder can be written: bad input ends in one line before the model is loaded.
 """
 
@@ -19,23 +20,24 @@ CLI_LOCKS: list[Any] = []
 """Run locks taken by ``fit`` in this process; :func:`release_cli_locks` releases them when the run ends."""
 
 
-def check_fit_outputs(config: Any) -> Any:
+def check_fit_outputs(config: Any) -> list[Any] | None:
     """Check a ``fit``'s outputs from its parsed config before anything is built, loaded or written.
 
     In order: ``refuse_untrained_export`` (reads only); then, on rank 0 of a run, the ``RunDirLock`` of
-    ``default_root_dir`` is taken, and that folder, each callback's ``dirpath`` (checkpoints) and ``export_dir``
-    (LoRA) must be creatable and writable (:mod:`lightning_qlora.callbacks.run_lock`,
-    :mod:`lightning_qlora.callbacks.fit_outputs`).
+    ``default_root_dir``, of each checkpoint ``dirpath`` and of each ``export_dir`` are taken, and that folder, each
+    callback's ``dirpath`` (checkpoints) and ``export_dir`` (LoRA) must be creatable and writable
+    (:mod:`lightning_qlora.callbacks.run_lock`, :mod:`lightning_qlora.callbacks.fit_outputs`).
 
     Args:
         config: the ``fit`` subcommand's config (``trainer``, ``ckpt_path``, ``overwrite``).
 
     Returns:
-        The lock taken (release it when the run ends), or ``None`` (another rank, a remote folder).
+        The locks taken (release them when the run ends); ``None`` on another rank or for a remote folder.
 
     Raises:
         ValueError: a run that trains no step would replace an adapter (see ``refuse_untrained_export``).
-        RunDirLockedError: another live run holds ``default_root_dir``.
+        RunDirLockedError: another live run holds ``default_root_dir``, a checkpoint ``dirpath`` or an
+            ``export_dir``.
         OutputNotWritableError: an output folder cannot be created or written.
     """
     trainer = _get(config, "trainer") or {}
@@ -56,17 +58,23 @@ def check_fit_outputs(config: Any) -> Any:
     root = _get(trainer, "default_root_dir") or os.getcwd()
     if not _is_local(root) or not _is_rank_zero():
         return None
-    lock = RunDirLock(root).acquire()
+    locks = [RunDirLock(root)]
+    locks += [RunDirLock(folder, "checkpoint dirpath") for folder in ckpt_dirs]  # a recipe's own paths: two runs
+    locks += [RunDirLock(export, "LoRA export_dir", beside=True) for export in exports]  # with other roots share them
+    held = []
     try:
+        for lock in locks:
+            held.append(lock.acquire())
         check_writable(root, "default_root_dir")
         for folder in ckpt_dirs:
             check_writable(folder, "checkpoint dirpath")
         for export in exports:
             check_export_dir(export)
     except BaseException:
-        lock.release()
+        for lock in held:
+            lock.release()
         raise
-    return lock
+    return held
 
 
 def release_cli_locks() -> None:

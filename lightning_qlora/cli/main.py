@@ -193,9 +193,7 @@ class QLoRACLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """For ``fit``: :func:`check_fit_outputs` on the parsed config, before anything is built or loaded."""
         if self.subcommand == "fit":
-            lock = check_fit_outputs(self.config["fit"])
-            if lock is not None:
-                CLI_LOCKS.append(lock)
+            CLI_LOCKS.extend(check_fit_outputs(self.config["fit"]) or [])
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:

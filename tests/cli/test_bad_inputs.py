@@ -491,6 +491,14 @@ def run_dir_held_by_a_live_run(w):
     return ["fit", "--config", recipe(w)], f"{w / 'run'} is in use by another run (pid {proc.pid} on"
 
 
+def export_dir_held_by_a_live_run(w):
+    # another default_root_dir, the same LoRA export_dir (the recipe's own path): the adapter is another run's
+    proc = hold_run_lock(w / "adapter", w / "cases" / "logs", beside=True)
+    HOLDERS.append(proc)
+    args = ["fit", "--config", recipe(w), f"--trainer.default_root_dir={w / 'cases' / 'other-run'}"]
+    return args, f"{w / 'adapter'} is in use by another run (pid {proc.pid} on"
+
+
 def default_root_dir_read_only(w):
     root = tmpfs(w, "ro-root", read_only=True) / "run"
     return ["fit", "--config", recipe(w), f"--trainer.default_root_dir={root}"], f"default_root_dir {root} is not"
@@ -552,7 +560,7 @@ CASES = [
     checkpoint_with_pickled_code, checkpoint_from_another_base, checkpoint_from_a_merged_base,
     checkpoint_with_other_lora_rank,
     resume_with_other_quantization, zero_steps_over_an_existing_adapter, resume_of_a_finished_run_over_its_adapter,
-    run_dir_held_by_a_live_run, default_root_dir_read_only, checkpoint_dirpath_read_only, export_dir_read_only,
+    run_dir_held_by_a_live_run, export_dir_held_by_a_live_run, default_root_dir_read_only, checkpoint_dirpath_read_only, export_dir_read_only,
     disk_full_at_checkpoint_save, disk_full_at_adapter_export,
 ]  # fmt: skip
 

@@ -560,7 +560,8 @@ CASES = [
     checkpoint_with_pickled_code, checkpoint_from_another_base, checkpoint_from_a_merged_base,
     checkpoint_with_other_lora_rank,
     resume_with_other_quantization, zero_steps_over_an_existing_adapter, resume_of_a_finished_run_over_its_adapter,
-    run_dir_held_by_a_live_run, export_dir_held_by_a_live_run, default_root_dir_read_only, checkpoint_dirpath_read_only, export_dir_read_only,
+    run_dir_held_by_a_live_run, export_dir_held_by_a_live_run,
+    default_root_dir_read_only, checkpoint_dirpath_read_only, export_dir_read_only,
     disk_full_at_checkpoint_save, disk_full_at_adapter_export,
 ]  # fmt: skip
 

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_qlora.cli.fit_checks import CLI_LOCKS, check_fit_outputs, release_cli_locks
 from lightning_qlora.cli.recipe import RECIPE_CLI_ARGS
+from lightning_qlora.cli.run_config import SaveConfigWhenTrained
 from lightning_qlora.utils.atomic import DiskFullError, is_disk_full
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.finite import NonFiniteError
@@ -285,6 +286,7 @@ def main(args: list[str] | None = None) -> None:
                 **RECIPE_CLI_ARGS,
                 trainer_class=QLoRATrainer,
                 parser_class=OneLineErrorParser,
+                save_config_callback=SaveConfigWhenTrained,
                 save_config_kwargs={"overwrite": True},
                 args=args,
             )

@@ -195,3 +195,16 @@ def test_a_checkpoint_path_resumes_with_the_configs_model_arguments(recipe, tmp_
     newest = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     saved = torch.load(newest, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3 and saved["hyper_parameters"]["lr"] == 0.05
+
+
+def test_config_yaml_is_the_recipe_of_the_run_that_trained(recipe, tmp_path, capsys):
+    """Written after the first optimizer step: a run that trains nothing leaves the folder's config.yaml alone."""
+    saved = tmp_path / "run" / "config.yaml"
+    main(["fit", "--config", str(recipe), "--trainer.max_steps=1", "--model.init_args.lr=0.004"])
+    assert yaml.safe_load(saved.read_text())["model"]["init_args"]["lr"] == 0.004
+    before = saved.read_bytes()
+    main(["fit", "--config", str(recipe), "--trainer.max_steps=-1", "--trainer.max_epochs=0",
+          "--model.init_args.lr=0.5"])  # fmt: skip
+    assert saved.read_bytes() == before
+    main(["fit", "--config", str(recipe), "--trainer.max_steps=1", "--model.init_args.lr=0.003"])
+    assert yaml.safe_load(saved.read_text())["model"]["init_args"]["lr"] == 0.003

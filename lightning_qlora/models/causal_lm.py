@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lightning_qlora.models.generation import GenerationOptions, generate
 from lightning_qlora.models.sources import ModelSourceError, load_causal_lm, resolve_model_dir, safetensors_files
@@ -138,6 +139,24 @@ class CausalLM(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model (returns its output object with ``.logits``)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Refuse token ids the model has no embedding for (a tokenizer of another model), on the host, in one line.
+
+        Raises:
+            ValueError: naming the id, the model's vocabulary and the tokenizer's size.
+        """
+        if self.model is not None and isinstance(batch, dict):
+            rows = self.model.get_input_embeddings().num_embeddings
+            for key, ids in batch.items():
+                if key.endswith("input_ids") and isinstance(ids, torch.Tensor) and ids.numel() and ids.max() >= rows:
+                    raise ValueError(
+                        f"token id {int(ids.max())} in the batch's {key} is outside the model's vocabulary of {rows} "
+                        f"(the tokenizer has {len(self.tokenizer)} tokens): the tokenizer is another model's; use the "
+                        "model's own (leave CausalLM(tokenizer=...) unset) or a model whose vocabulary covers it"
+                    )
+        return batch
 
     # ------------------------------------------------------------------ steps
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -120,3 +120,20 @@ def test_bad_loss_chunk_size_is_a_one_line_error(tiny_llama_dir, bad):
     with pytest.raises(ValueError, match=rf"loss_chunk_size={bad!r}.*positive int") as err:
         CausalLM(model=str(tiny_llama_dir), loss_chunk_size=bad)
     assert "\n" not in str(err.value)
+
+
+def test_token_ids_the_model_has_no_embedding_for_are_refused_in_one_line(tiny_llama_dir):
+    """A tokenizer of another model: one line naming the id and both sizes, before the batch reaches the model."""
+    from conftest import build_tiny_llama
+
+    module = CausalLM(str(tiny_llama_dir))
+    module.model = build_tiny_llama(vocab_size=256)
+    ok = {"input_ids": torch.tensor([[5, 255]]), "labels": torch.tensor([[5, 255]])}
+    assert module.on_before_batch_transfer(ok, 0) is ok
+    bad = {"chosen_input_ids": torch.tensor([[5, 300, 7]])}
+    with pytest.raises(ValueError) as err:
+        module.on_before_batch_transfer(bad, 0)
+    assert str(err.value).startswith(
+        "token id 300 in the batch's chosen_input_ids is outside the model's vocabulary of 256 (the tokenizer has "
+    )
+    assert "\n" not in str(err.value)

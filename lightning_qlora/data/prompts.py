@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_qlora.data.rows import DataError, RowSource, read_rows
-from lightning_qlora.data.templates import assistant_spans, common_prefix, generation_template, split_problem, trim_span
+from lightning_qlora.data.templates import (
+    assistant_spans,
+    common_prefix,
+    generation_template,
+    split_problem,
+    trim_span,
+    turn_end,
+)
 from lightning_qlora.utils.errors import first_line
 
 __all__ = [
@@ -289,7 +296,7 @@ class PromptEncoder:
                                 "add {% generation %} markers to the template or use prompt_style=alpaca")  # fmt: skip
             prefix = ids[prefix_idx]
             start = common_prefix(prefix, full)
-            end = len(full) if through_idx == plan[0][0] else common_prefix(ids[through_idx], full)
+            end = len(full) if through_idx == plan[0][0] else turn_end(ids[through_idx], full, start)
             mismatch |= start < len(prefix)  # the prompt's last token merged with the response's first
             prompt_tokens = start if prompt_tokens is None else prompt_tokens
             start, end = trim_span(full, start, end, self.is_blank)  # not the "\n" after an end-of-turn token

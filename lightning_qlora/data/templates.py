@@ -43,6 +43,21 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
+def turn_end(through: Sequence[int], conversation: Sequence[int], start: int) -> int:
+    """Where an assistant turn that starts at ``start`` ends in the whole ``conversation``'s ids.
+
+    ``through`` is the conversation rendered up to and with that turn. Usually it is a prefix of ``conversation``, up to
+    a merge of its last token; but a template may render the turn differently when it is the last message (Qwen3
+    adds an empty ``<think></think>`` block): then the turn ends where the longest tail of ``through`` that resumes
+    ``conversation`` at their first difference ends.
+    """
+    at = common_prefix(through, conversation)
+    if at == len(through) or at < start:
+        return at
+    tail, rest = list(through[at:]), list(conversation[at:])
+    return at + next((k for k in range(len(tail), 0, -1) if rest[:k] == tail[-k:]), 0)
+
+
 def split_problem(prompt: str, conversation: str, turn: int) -> str | None:
     """Why ``prompt`` cannot mark where assistant turn ``turn`` starts in ``conversation`` (None when it can).
 

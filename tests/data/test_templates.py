@@ -35,6 +35,12 @@ FAMILIES = {
     "llama2": ("llama2", ("<s>", "</s>", None), [], " {} </s>", " {} </s>"),
     "phi3": ("phi3", ("<s>", "<|endoftext|>", "<|endoftext|>"), ["<|user|>", "<|assistant|>", "<|end|>"],
              "{}<|end|>", "{}<|end|>\n<|endoftext|>"),
+    "chatml-qwen3": ("qwen3", (None, "<|im_end|>", "<|endoftext|>"), ["<|im_start|>", "<think>", "</think>"],
+                     "{}<|im_end|>", "<think>\n\n</think>\n\n{}<|im_end|>"),  # the think block on the last turn only
+    "gemma3": ("gemma3", ("<bos>", "<eos>", "<pad>"), ["<start_of_turn>", "<end_of_turn>"],
+               "{}<end_of_turn>", "{}<end_of_turn>"),
+    "llama3.1": ("llama3_1", ("<|begin_of_text|>", "<|eot_id|>", None), ["<|start_header_id|>", "<|end_header_id|>"],
+                 "{}<|eot_id|>", "{}<|eot_id|>"),
     "generation-qwen2.5": ("qwen2_5_training", (None, "<|im_end|>", "<|endoftext|>"), ["<|im_start|>"],
                            "{}<|im_end|>", "{}<|im_end|>"),
     "generation-phi3": ("phi3_training", ("<s>", "<|endoftext|>", "<|endoftext|>"),

@@ -11,13 +11,26 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
-from typing_extensions import override
 
 from lightning_qlora.models.generation import GenerationOptions, generate
 from lightning_qlora.models.sources import ModelSourceError, load_causal_lm, resolve_model_dir, safetensors_files
 from lightning_qlora.quantization.nf4 import QuantizationConfig
 from lightning_qlora.utils.dtypes import to_dtype
 from lightning_qlora.utils.errors import first_line
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings (another model's tokenizer), in one line.
+
+    Raises:
+        ValueError: naming both sizes.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model has embeddings for {rows}: it is another model's "
+            "tokenizer; use the model's own (leave tokenizer= unset), or resize the model's embeddings first"
+        )
 
 
 class CausalLM(pl.LightningModule):
@@ -135,28 +148,12 @@ class CausalLM(pl.LightningModule):
             init=self.hparams.get("init", "checkpoint"),
             init_std=self.hparams.get("init_std"),
         )
+        if self._tokenizer is not None:  # loaded already (the data module's): ids it gives must have embeddings
+            check_vocabulary(self.model, self._tokenizer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model (returns its output object with ``.logits``)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    @override
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Refuse token ids the model has no embedding for (a tokenizer of another model), on the host, in one line.
-
-        Raises:
-            ValueError: naming the id, the model's vocabulary and the tokenizer's size.
-        """
-        if self.model is not None and isinstance(batch, dict):
-            rows = self.model.get_input_embeddings().num_embeddings
-            for key, ids in batch.items():
-                if key.endswith("input_ids") and isinstance(ids, torch.Tensor) and ids.numel() and ids.max() >= rows:
-                    raise ValueError(
-                        f"token id {int(ids.max())} in the batch's {key} is outside the model's vocabulary of {rows} "
-                        f"(the tokenizer has {len(self.tokenizer)} tokens): the tokenizer is another model's; use the "
-                        "model's own (leave CausalLM(tokenizer=...) unset) or a model whose vocabulary covers it"
-                    )
-        return batch
 
     # ------------------------------------------------------------------ steps
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -122,18 +122,15 @@ def test_bad_loss_chunk_size_is_a_one_line_error(tiny_llama_dir, bad):
     assert "\n" not in str(err.value)
 
 
-def test_token_ids_the_model_has_no_embedding_for_are_refused_in_one_line(tiny_llama_dir):
-    """A tokenizer of another model: one line naming the id and both sizes, before the batch reaches the model."""
+def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings_is_refused_in_one_line(tiny_llama_dir, tmp_path):
+    """Another model's tokenizer: one line naming both sizes when the model is built, not an IndexError mid-step."""
     from conftest import build_tiny_llama
 
-    module = CausalLM(str(tiny_llama_dir))
-    module.model = build_tiny_llama(vocab_size=256)
-    ok = {"input_ids": torch.tensor([[5, 255]]), "labels": torch.tensor([[5, 255]])}
-    assert module.on_before_batch_transfer(ok, 0) is ok
-    bad = {"chosen_input_ids": torch.tensor([[5, 300, 7]])}
+    build_tiny_llama(vocab_size=256).save_pretrained(tmp_path / "small")
+    module = CausalLM(str(tmp_path / "small"), tokenizer=str(tiny_llama_dir), dtype="fp32")
+    assert len(module.tokenizer) > 256
     with pytest.raises(ValueError) as err:
-        module.on_before_batch_transfer(bad, 0)
+        module.configure_model()
     assert str(err.value).startswith(
-        "token id 300 in the batch's chosen_input_ids is outside the model's vocabulary of 256 (the tokenizer has "
+        f"the tokenizer has {len(module.tokenizer)} tokens but the model has embeddings for 256: it is another model's"
     )
-    assert "\n" not in str(err.value)

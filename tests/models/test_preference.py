@@ -233,3 +233,43 @@ def test_policy_equals_reference_at_b_zero_for_a_bf16_model_computed_in_fp32(tin
     with torch.no_grad(), adapters_disabled(model):
         reference = model_sequence_logps(model, ids, labels)[0]
     assert torch.equal(policy.detach(), reference)  # a bf16-rounded W0 in one of them was 5e-2 off per sequence
+
+
+def test_dpo_after_sft_starts_from_the_merged_sft_model(tiny_llama_dir, tmp_path, capsys):
+    """SFT adapter -> ``lightning-qlora export --format safetensors`` -> DPO on that folder: the reference is the SFT
+    model (its merged weights in 4 bits), not the original base."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_qlora.cli.main import main
+    from lightning_qlora.lora.layer import lora_modules
+    from lightning_qlora.lora.peft_format import export_peft
+
+    sft = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    inject_lora(sft, config)
+    with torch.no_grad():
+        for _, layer in lora_modules(sft):
+            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    export_peft(sft, tmp_path / "sft", config, base_model_name_or_path=str(tiny_llama_dir))
+    main(["export", "--format", "safetensors", "--adapter", str(tmp_path / "sft"), "--model", str(tiny_llama_dir),
+          "--dtype", "fp32", "--out", str(tmp_path / "merged")])  # fmt: skip
+    module = PreferenceLM(model=str(tmp_path / "merged"), method="dpo", dtype="fp32")
+    data = PreferenceDataModule(str(write_pairs(tmp_path / "pairs.jsonl", 8)), max_length=64, batch_size=4, val_split=4)
+    trainer = L.Trainer(
+        plugins=[NF4Precision(compute_dtype="fp32")], strategy=PagedOptimizerStrategy(),
+        callbacks=[LoRA(r=4, alpha=8, dropout=0.0, export_dir=str(tmp_path / "dpo"))], max_steps=1,
+        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    assert (tmp_path / "dpo" / "adapter_config.json").is_file()
+    quantization = trainer.precision_plugin.config
+    merged = load_causal_lm(tmp_path / "merged", quantization=quantization, dtype=torch.float32).eval()
+    original = load_causal_lm(tiny_llama_dir, quantization=quantization, dtype=torch.float32).eval()
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        reference = module.reference_logps(batch)
+        args = (batch["input_ids"], batch["labels"], batch["attention_mask"])
+        assert torch.equal(reference, model_sequence_logps(merged, *args)[0])
+        assert not torch.allclose(reference, model_sequence_logps(original, *args)[0], atol=1e-2)

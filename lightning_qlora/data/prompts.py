@@ -60,6 +60,8 @@ ALPACA_PROMPT_INPUT = (
 )
 
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "prompter": "user"}
+_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
+"""The roles chat templates know (OpenAI's and Llama 3.1's), after the ShareGPT/OASST aliases above."""
 _CHAT_KEYS = ("messages", "conversations")
 
 
@@ -144,7 +146,13 @@ def normalize_row(row: Any, fmt: RowFormat, where: str, system_prompt: str | Non
             content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
             if not isinstance(role, str) or not isinstance(content, str):
                 raise DataError(f"{where}: {key}[{j}] must be an object with string 'role' and 'content'")
-            messages.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
+            role = _ROLE_ALIASES.get(role, role)
+            if role not in _ROLES:
+                raise DataError(
+                    f"{where}: {key}[{j}] has role {role!r}; use one of {', '.join(_ROLES)} (or the aliases "
+                    f"{', '.join(_ROLE_ALIASES)})"
+                )
+            messages.append({"role": role, "content": content})
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             raise DataError(f"{where}: no assistant turn; add a message with role 'assistant' or remove the row")

@@ -243,6 +243,14 @@ def data_row_wrong_type(w):
     return ["fit", "--config", recipe(w), f"--data.init_args.path={path}"], "wrong-type.jsonl line 7"
 
 
+def data_row_with_a_mistyped_role(w):
+    rows = [[{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}"}] for i in range(16)]
+    rows[2][0]["role"] = "usr"
+    path = write(w / "cases" / "role.jsonl", "".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    args = ["fit", "--config", recipe(w), f"--data.init_args.path={path}"]
+    return args, "role.jsonl line 3: messages[0] has role 'usr'"
+
+
 def data_json_not_a_list(w):
     path = write(w / "cases" / "object.json", json.dumps({"instruction": "a", "output": "b"}))
     return ["fit", "--config", recipe(w), f"--data.init_args.path={path}"], "object.json"
@@ -549,7 +557,8 @@ CASES = [
     missing_config, yaml_syntax_error, unknown_trainer_key, wrong_type_for_max_steps, unknown_model_class,
     lora_rank_zero, lora_dropout_above_one, lora_targets_nothing, export_dir_is_a_file, unknown_quant_type,
     unsupported_blocksize, unknown_compute_dtype, unknown_optimizer, data_file_missing, data_file_empty,
-    data_broken_json_row, data_row_missing_output, data_row_wrong_type, data_json_not_a_list,
+    data_broken_json_row, data_row_missing_output, data_row_wrong_type, data_row_with_a_mistyped_role,
+    data_json_not_a_list,
     data_val_split_too_large, data_unknown_format, model_dir_missing, model_dir_without_config,
     model_config_not_json, model_dir_with_config_only, truncated_safetensors, safetensors_with_wrong_shapes,
     gguf_that_is_not_gguf, gguf_truncated, data_path_is_a_folder_with_a_bad_file, data_path_is_a_folder_of_csv,

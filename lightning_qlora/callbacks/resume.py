@@ -53,6 +53,8 @@ class ExactResume(Callback):
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self._warned = False
+        self._data: dict[str, int] | None = None  # this run's training data, in batches and rows an epoch
+        self._saved_data: dict[str, int] | None = None  # the checkpoint's
 
     @property
     def state_key(self) -> str:
@@ -66,6 +68,14 @@ class ExactResume(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._data = _data_shape(trainer)
+        saved, now = self._saved_data, self._data
+        if saved and now and saved != now:
+            rank_zero_warn(
+                f"ExactResume: the checkpoint was trained on {_words(saved)} an epoch, this run has {_words(now)}: "
+                "the resumed position no longer points at the same rows, so this is not an exact resume (resume with "
+                "the data and batch size the run started with)"
+            )
         if not self._warned and trainer.num_training_batches != float("inf") and not is_resumable(trainer):
             self._warned = True
             rank_zero_warn(
@@ -109,7 +119,7 @@ class ExactResume(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self._run_seed()}
+        return {"seed": self._run_seed(), "data": self._data}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -118,3 +128,22 @@ class ExactResume(Callback):
             rank_zero_warn(f"ExactResume: resuming with the checkpoint's seed {saved} instead of seed={self.seed}")
         if saved is not None:
             self.seed = int(saved)
+        self._saved_data = state_dict.get("data")
+
+
+def _data_shape(trainer: pl.Trainer) -> dict[str, int] | None:
+    """The training data's batches (and rows, where the dataset has a length) an epoch; None when unknown."""
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        return None
+    shape = {"batches": int(batches)}
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        shape["rows"] = len(dataset)
+    return shape
+
+
+def _words(shape: dict[str, int]) -> str:
+    rows = f"{shape['rows']} rows in " if "rows" in shape else ""
+    return f"{rows}{shape['batches']} batches"

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,28 @@ def test_exact_resume_reseeds_each_batch_from_seed_epoch_and_index():
     resumed = ExactResume(seed=None)
     resumed.load_state_dict(callback.state_dict())
     assert resumed.seed == 3
+
+
+def test_resuming_on_other_data_or_batch_size_says_it_is_not_exact():
+    from types import SimpleNamespace
+
+    from lightning_qlora.callbacks.resume import ExactResume
+
+    def trainer(batches, rows):
+        loader = SimpleNamespace(dataset=list(range(rows)))
+        return SimpleNamespace(num_training_batches=batches, train_dataloader=loader,
+                               fit_loop=SimpleNamespace(_combined_loader=SimpleNamespace(flattened=[])))  # fmt: skip
+
+    first = ExactResume(seed=1)
+    first.on_train_start(trainer(60, 240), None)
+    state = first.state_dict()
+    assert state == {"seed": 1, "data": {"batches": 60, "rows": 240}}
+    same = ExactResume()
+    same.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.on_train_start(trainer(60, 240), None)
+    other = ExactResume()
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match="trained on 240 rows in 60 batches an epoch, this run has 240 rows in 120"):
+        other.on_train_start(trainer(120, 240), None)

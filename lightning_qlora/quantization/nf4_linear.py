@@ -67,6 +67,10 @@ class NF4Linear(bnb.nn.Linear4bit):
         return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state).to(input_dtype)
 
 
+_CPU_KERNEL_BLOCK_N = 32
+"""bitsandbytes' CPU repack (``_convert_weight_packed_for_cpu``) takes output features in blocks of this many."""
+
+
 def use_cpu_inference_kernel(model: nn.Module) -> int:
     """Let the bf16 ``NF4Linear`` layers of an inference-only ``model`` use bitsandbytes' CPU kernel; returns how many.
 
@@ -74,13 +78,21 @@ def use_cpu_inference_kernel(model: nn.Module) -> int:
     directly: decoding one token through a 576 × 1536 layer takes ~0.06 ms instead of ~0.23 ms to dequantize and
     multiply. The repack rounds the absmax constants to bf16 and cannot be trained through, so only the inference
     commands (``generate``, ``chat``, ``serve``: nothing trains or saves the base after) switch it on, and only for
-    layers that compute in bf16. Elsewhere (other CPUs, fp32 compute, GPUs) nothing changes.
+    layers that compute in bf16 and whose shape its repack takes (output features a multiple of 32, input features a
+    multiple of the quantization block: DeepSeek-V3's 80-wide ``kv_a_proj_with_mqa`` is not). Elsewhere (other CPUs, fp32 compute, GPUs) nothing
+    changes.
     """
     if not bnb.functional.has_avx512bf16():
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, NF4Linear) and module.compute_dtype == torch.bfloat16 and not module.training:
+        if (
+            isinstance(module, NF4Linear)
+            and module.compute_dtype == torch.bfloat16
+            and not module.training
+            and module.out_features % _CPU_KERNEL_BLOCK_N == 0
+            and module.in_features % module.weight.quant_state.blocksize == 0  # its constants: whole blocks a row
+        ):
             module.cpu_inference_kernel = module.support_avx512bf16_for_cpu = True
             count += 1
     return count

@@ -17,7 +17,16 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_qlora.lora.experts import expert_lora_modules
 from lightning_qlora.lora.layer import LoRALinear, lora_modules
+from lightning_qlora.quantization.experts import (
+    expert_stacks,
+    expert_weight,
+    quantize_stack,
+    stack_is_transposed,
+    stack_names,
+    stack_shape,
+)
 from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, is_4bit_linear, linear_to_4bit
 from lightning_qlora.utils.atomic import atomic_directory
 from lightning_qlora.utils.dtypes import DTypeLike, dtype_name, to_dtype
@@ -31,7 +40,7 @@ class MergedLayer:
     """What merging did to one layer."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     max_abs_error: float
     """Largest ``|stored weight - (dequant(W0) + scaling·B·A)|``, the exact sum computed in float64."""
     max_abs_delta: float
@@ -104,6 +113,10 @@ def merge_lora(
     Dropout is dropped (merged weights are for inference). Only adapted layers change: cast the rest of the model
     (parameters only, as ``from_pretrained(dtype=...)`` does) before running it if it is in another dtype.
 
+    Mixture-of-experts stacks with adapters (:class:`~lightning_qlora.lora.experts.ExpertLoRA`) are merged the same
+    way, expert by expert (``Wₑ + scaling·Bₑ·Aₑ``, transposed for stacks stored ``in × out``), and their adapters
+    removed; with ``target="bf16"`` every 4-bit stack becomes plain, adapted or not (a merged model holds no codes).
+
     Args:
         model: a model with LoRA layers.
         target: ``"bf16"`` for a full-precision merge (dtype set by ``dtype``), ``"nf4"`` to re-quantize.
@@ -111,7 +124,7 @@ def merge_lora(
         dtype: storage dtype for ``target="bf16"`` (bf16 default; fp32/fp16 allowed).
 
     Returns:
-        A :class:`MergeReport` with one row per merged layer.
+        A :class:`MergeReport` with one row per merged layer (and expert stack).
 
     Raises:
         ValueError: if ``target`` is unknown or the model has no LoRA layers.
@@ -121,7 +134,7 @@ def merge_lora(
     dtype = to_dtype(dtype)
     layers = list(lora_modules(model))
     layers = [(n, m) for n, m in layers if not any(n.startswith(f"{o}.") for o, _ in layers)]  # outermost only
-    if not layers:
+    if not layers and not expert_lora_modules(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge; inject_lora or import_peft first")
     report = MergeReport(target=target, dtype=dtype_name(dtype))
     for name, layer in layers:
@@ -130,7 +143,51 @@ def merge_lora(
         if target == "nf4":
             report.dtype = merged.weight.quant_state.quant_type  # "nf4", or "fp4" when asked for explicitly
         model.set_submodule(name, merged)
+    report.layers += _merge_experts(model, target, quantization, dtype)
     return report
+
+
+def _merge_experts(
+    model: nn.Module, target: str, quantization: QuantizationConfig | None, dtype: torch.dtype
+) -> list[MergedLayer]:
+    """Fold each expert stack's adapters into it (see :func:`merge_lora`); plain stacks for ``"bf16"``."""
+    rows = []
+    for name, module in expert_stacks(model, strict=False):
+        adapters = getattr(module, "lora_experts", None)
+        for stack in stack_names(module):
+            param, lora = getattr(module, stack), adapters[stack] if adapters and stack in adapters else None
+            state = getattr(param, "quant_state", None)
+            if lora is None and (target == "nf4" or state is None):
+                continue  # nothing to fold, nothing to dequantize
+            with torch.no_grad():
+                experts = stack_shape(param)[0]
+                exact = torch.stack([expert_weight(param, e, torch.float64) for e in range(experts)])
+                delta = torch.zeros_like(exact)
+                if lora is not None:
+                    pairs = [lora.pair(e) for e in range(experts)]
+                    delta = torch.stack([b.double() @ a.double() for a, b in pairs]).to(exact.device) * lora.scaling
+                    delta = delta.transpose(1, 2) if stack_is_transposed(module) else delta
+                exact += delta
+                if target == "bf16":
+                    merged = nn.Parameter(exact.to(dtype), requires_grad=False)
+                else:
+                    config = quantization or (_stack_quantization(param) if state is not None else QuantizationConfig())
+                    source = state.dtype if state is not None else param.dtype  # what the stack was quantized from
+                    merged = quantize_stack(exact.to(source), config, param.device)
+                setattr(module, stack, merged)
+                back = torch.stack([expert_weight(merged, e, torch.float64) for e in range(experts)])
+                error = (back - exact).abs().max().item()
+            rows.append(MergedLayer(f"{name}.{stack}", tuple(exact.shape), error, delta.abs().max().item()))
+        if adapters is not None:
+            del module.lora_experts
+    return rows
+
+
+def _stack_quantization(param: torch.Tensor) -> QuantizationConfig:
+    """NF4 with the settings a 4-bit expert stack was quantized with."""
+    state = param.quant_state
+    return QuantizationConfig(quant_type="nf4", double_quant=bool(state.nested), blocksize=state.blocksize,
+                              compute_dtype=state.dtype)  # fmt: skip
 
 
 def _merge_layer(
@@ -232,8 +289,10 @@ def save_merged_safetensors(model: nn.Module, directory: str | os.PathLike) -> P
         ValueError: if the model still has LoRA or 4-bit layers.
     """
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{name} is a LoRA layer; call merge_lora(model, 'bf16') before save_merged_safetensors")
+        if isinstance(module, LoRALinear) or getattr(module, "lora_experts", None) is not None:
+            raise ValueError(f"{name} has LoRA adapters; call merge_lora(model, 'bf16') before save_merged_safetensors")
+        if any(getattr(getattr(module, s), "quant_state", None) is not None for s in stack_names(module)):
+            raise ValueError(f"{name} holds 4-bit expert stacks; merge_lora(model, 'bf16') makes them plain first")
         if is_4bit_linear(module):
             raise ValueError(
                 f"{name} is a 4-bit layer; save_merged_safetensors writes plain weights and merge_lora(model, 'bf16') "

@@ -79,8 +79,8 @@ def use_cpu_inference_kernel(model: nn.Module) -> int:
     multiply. The repack rounds the absmax constants to bf16 and cannot be trained through, so only the inference
     commands (``generate``, ``chat``, ``serve``: nothing trains or saves the base after) switch it on, and only for
     layers that compute in bf16 and whose shape its repack takes (output features a multiple of 32, input features a
-    multiple of the quantization block: DeepSeek-V3's 80-wide ``kv_a_proj_with_mqa`` is not). Elsewhere (other CPUs, fp32 compute, GPUs) nothing
-    changes.
+    multiple of the quantization block: DeepSeek-V3's 80-wide ``kv_a_proj_with_mqa`` is not). Elsewhere (other CPUs,
+    fp32 compute, GPUs) nothing changes.
     """
     if not bnb.functional.has_avx512bf16():
         return 0

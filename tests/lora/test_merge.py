@@ -192,7 +192,7 @@ def test_errors(base, tmp_path):
     model = lora_model(base, config=LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="target='fp8' is not supported"):
         merge_lora(model, "fp8")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="is a LoRA layer; call merge_lora"):
+    with pytest.raises(ValueError, match="has LoRA adapters; call merge_lora"):
         save_merged_safetensors(model, tmp_path / "x")
     quantize_model(model, QCONFIG)
     merge_lora(model)
@@ -231,3 +231,38 @@ def test_merged_checkpoint_keeps_the_modules_trained_besides_the_adapters(ids, t
     assert torch.equal(reloaded.model.embed_tokens.weight, trained.model.embed_tokens.weight)
     assert not torch.equal(reloaded.lm_head.weight, base.lm_head.weight)
     torch.testing.assert_close(logits(reloaded, ids), before, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])  # stacks stored out x in, and in x out
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32-base", "nf4-base"])
+def test_expert_adapters_are_merged_into_their_stacks(arch, quantize, ids, tmp_path):
+    """Merged MoE weights give the adapted model's logits; no adapter or 4-bit stack is left, and transformers
+    loads the saved folder with the same logits (the adapters used to be left out silently)."""
+    from architecture_worker import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from lightning_qlora.lora.experts import expert_lora_modules, inject_expert_lora
+    from lightning_qlora.quantization.experts import quantize_expert_stacks
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).float().eval()
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    inject_lora(model, config)
+    if quantize:
+        quantize_model(model, QCONFIG)
+        quantize_expert_stacks(model, QCONFIG)
+    assert inject_expert_lora(model, config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, lora in [*lora_modules(model), *expert_lora_modules(model)]:
+            lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=gen) * 0.2)
+    expected = logits(model, ids)
+    report = merge_lora(model, "bf16", dtype=torch.float32)
+    stacks = [layer for layer in report.layers if "experts" in layer.name]
+    assert len(stacks) == 4 and all(layer.max_abs_delta > 0 and layer.max_abs_error < 1e-6 for layer in stacks)
+    assert not expert_lora_modules(model)
+    merged = logits(model, ids)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    save_merged_safetensors(model, tmp_path / "merged")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(back, ids), expected, rtol=1e-4, atol=1e-4)

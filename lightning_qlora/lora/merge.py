@@ -28,6 +28,7 @@ from lightning_qlora.quantization.experts import (
     stack_shape,
 )
 from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, is_4bit_linear, linear_to_4bit
+from lightning_qlora.quantization.shells import conv1d_class
 from lightning_qlora.utils.atomic import atomic_directory
 from lightning_qlora.utils.dtypes import DTypeLike, dtype_name, to_dtype
 
@@ -196,17 +197,27 @@ def _merge_layer(
     base = layer.base_layer
     if isinstance(base, LoRALinear):  # stacked adapters: fold the inner one first
         base, _, _ = _merge_layer(base, "bf16", None, torch.float32)
+    conv1d = conv1d_class()
+    plain_conv1d = conv1d is not None and isinstance(base, conv1d)  # GPT-2 style: weight stored in x out
+    source_cls = type(base) if plain_conv1d else getattr(base, "source_cls", None)
     with torch.no_grad():
         delta = layer.delta_weight(torch.float64).to(base.weight.device)
-        exact = dequantize_weight(base, torch.float64) + delta
+        w0 = dequantize_weight(base, torch.float64)
+        exact = (w0.t() if plain_conv1d else w0) + delta
         bias = None if base.bias is None else base.bias.detach()
-        if target == "bf16":
-            merged: nn.Module = nn.Linear(
+        if target == "bf16" and conv1d is not None and source_cls is conv1d:  # saved where the model expects it
+            merged: nn.Module = conv1d(layer.out_features, layer.in_features).to(device=exact.device, dtype=dtype)
+            merged.weight.copy_(exact.t())
+            merged.bias.copy_(bias if bias is not None else torch.zeros_like(merged.bias))
+            stored = dequantize_weight(merged, torch.float64).t()
+        elif target == "bf16":
+            merged = nn.Linear(
                 layer.in_features, layer.out_features, bias=bias is not None, device=exact.device, dtype=dtype
             )
             merged.weight.copy_(exact)
             if bias is not None:
                 merged.bias.copy_(bias)
+            stored = dequantize_weight(merged, torch.float64)
         else:
             four_bit = is_4bit_linear(base)
             config = quantization or (_quantization_like(base) if four_bit else QuantizationConfig())
@@ -216,7 +227,10 @@ def _merge_layer(
             if bias is not None:
                 plain.bias = nn.Parameter(bias.clone(), requires_grad=False)
             merged = linear_to_4bit(plain, config, exact.device)
-        error = (dequantize_weight(merged, torch.float64) - exact).abs().max().item()
+            if source_cls is not None:
+                merged.source_cls = source_cls  # a 4-bit Conv1D stays an out x in layer, as transformers loads it
+            stored = dequantize_weight(merged, torch.float64)
+        error = (stored - exact).abs().max().item()
     merged.requires_grad_(False)
     merged.train(layer.training)
     return merged, error, delta.abs().max().item()

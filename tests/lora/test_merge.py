@@ -266,3 +266,32 @@ def test_expert_adapters_are_merged_into_their_stacks(arch, quantize, ids, tmp_p
     save_merged_safetensors(model, tmp_path / "merged")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     torch.testing.assert_close(logits(back, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32-base", "nf4-base"])
+def test_gpt2_conv1d_layers_merge_back_into_conv1d(quantize, ids, tmp_path):
+    """GPT-2 stores its weights in x out (``Conv1D``): the merged layers stay ``Conv1D`` so the saved checkpoint has
+    the layout transformers loads (an out x in weight used to fail to load, or load transposed when square); a 4-bit
+    merge keeps recording that its layer came from a ``Conv1D``."""
+    from architecture_worker import tiny_config
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config("gpt2")).float().eval()
+    model = lora_model(base, quantize, config=LoRAConfig(r=4, alpha=8, dropout=0.0), seed=2)
+    adapted = [name for name, _ in lora_modules(model)]
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"c_attn", "c_proj", "c_fc"}
+    expected = logits(model, ids)
+    four_bit = copy.deepcopy(model)
+    report = merge_lora(model, "bf16", dtype=torch.float32)
+    assert all(layer.max_abs_error < 1e-6 and layer.max_abs_delta > 0 for layer in report.layers)
+    assert all(type(model.get_submodule(name)) is Conv1D for name in adapted)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
+    save_merged_safetensors(model, tmp_path / "merged")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(back, ids), expected, rtol=1e-4, atol=1e-4)
+    merge_lora(four_bit, "nf4", QCONFIG)
+    assert all(four_bit.get_submodule(name).source_cls is Conv1D for name in adapted)
+    quantize_model(model, QCONFIG)  # the plain merged Conv1D layers quantized as a loaded GPT-2 is: the same bits
+    torch.testing.assert_close(logits(four_bit, ids), logits(model, ids), rtol=0, atol=1e-6)

@@ -523,3 +523,56 @@ def test_a_trained_module_with_children_is_saved_whole(base, ids, tmp_path):
     fresh = copy.deepcopy(base)
     import_peft(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh.eval(), ids), expected, atol=0, rtol=0)
+
+
+MOE_WITH_DENSE_MLPS = {  # a dense first layer, routed experts and a shared expert, as the real models have
+    "glm4_moe": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1,
+                 "topk_group": 1, "moe_intermediate_size": 64, "num_experts_per_tok": 2},
+    "deepseek_v3": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1,
+                    "topk_group": 1, "moe_intermediate_size": 64, "num_experts_per_tok": 2, "q_lora_rank": 32,
+                    "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                    "num_key_value_heads": 4},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(MOE_WITH_DENSE_MLPS))
+def test_moe_dense_and_shared_mlp_adapters_load_in_peft(arch, ids, tmp_path):
+    """peft's transformers-4 MoE conversion reads ``gate_proj``/``up_proj``/``down_proj`` targets as the fused
+    experts' (peft issue #3711): written as ``target_parameters`` they load in peft with every adapter, logits equal."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_qlora.lora.experts import expert_lora_modules, inject_expert_lora
+
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, head_dim=16)  # fmt: skip
+    config = AutoConfig.for_model(arch, **{**sizes, **MOE_WITH_DENSE_MLPS[arch]})  # fmt: skip
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).float().eval()
+    base.save_pretrained(tmp_path / "base")
+    model = copy.deepcopy(base)
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.1)
+    inject_lora(model, lora)
+    assert inject_expert_lora(model, lora)
+    mark_only_lora_trainable(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in [*lora_modules(model), *expert_lora_modules(model)]:
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
+    model.eval()
+    expected = logits(model, ids)
+    export_peft(model, tmp_path / "adapter", lora)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == [
+        "experts.down_proj", "experts.gate_up_proj", "down_proj.weight", "gate_proj.weight", "up_proj.weight"
+    ]  # fmt: skip
+    assert not {"gate_proj", "up_proj", "down_proj"} & set(saved["target_modules"])
+    theirs = load_with_peft(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter"
+    )
+    dense = {n for n, _ in lora_modules(model) if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")}
+    assert len(dense) == 6 and dense <= peft_adapted(theirs)
+    torch.testing.assert_close(logits(theirs, ids), expected, rtol=0, atol=1e-5)
+    ours = copy.deepcopy(base)
+    back = import_peft(ours, tmp_path / "adapter")
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(back.target_modules)
+    torch.testing.assert_close(logits(ours.eval(), ids), expected, rtol=0, atol=0)

@@ -213,7 +213,22 @@ class QLoRACLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The configured Trainer plus the run guards the config leaves out (see :func:`default_guards`)."""
+        """The configured Trainer plus the run guards the config leaves out (see :func:`default_guards`).
+
+        Raises:
+            ValueError: for ``--trainer.precision`` beside ``NF4Precision``, which sets the precision itself.
+        """
+        from lightning_qlora.plugins.precision import NF4Precision
+
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins = config.get("plugins") or []
+        nf4 = [p for p in (plugins if isinstance(plugins, list) else [plugins]) if isinstance(p, NF4Precision)]
+        if nf4 and config.get("precision") is not None:
+            raise ValueError(
+                f"--trainer.precision {config['precision']} was given beside the recipe's {nf4[0]!r}, which sets the "
+                "precision itself; leave --trainer.precision out (choose the compute dtype with "
+                "--trainer.plugins.init_args.compute_dtype bf16|fp16|fp32)"
+            )
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(default_guards(trainer.callbacks))
         return trainer
@@ -242,6 +257,14 @@ def _is_sharded_checkpoint(path: str) -> bool:
     """A distributed (FSDP) checkpoint folder: its strategy loads it, there is no single file to read."""
     folder = Path(path)
     return folder.is_dir() and ((folder / ".metadata").is_file() or (folder / "meta.pt").is_file())
+
+
+_DESCRIPTION = (
+    "QLoRA fine-tuning with Lightning. Training and evaluation (below) run a recipe: lightning-qlora fit --config "
+    "recipes/demo/smollm2-135m-faq.yaml. Using the result: lightning-qlora generate | chat | serve (the tuned model "
+    "from its recipe and adapter), export (GGUF, merged safetensors or a PEFT adapter), memory (predict a recipe's "
+    "peak memory before running it); each takes --help."
+)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -288,6 +311,7 @@ def main(args: list[str] | None = None) -> None:
                 parser_class=OneLineErrorParser,
                 save_config_callback=SaveConfigWhenTrained,
                 save_config_kwargs={"overwrite": True},
+                parser_kwargs={"description": _DESCRIPTION},
                 args=args,
             )
         finally:

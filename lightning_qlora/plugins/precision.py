@@ -19,7 +19,7 @@ from lightning_qlora.plugins.model_summary import show_true_sizes
 from lightning_qlora.quantization.loading import deferred_4bit_linears, finalize_deferred, mark_full_precision
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, QuantizationConfig
 from lightning_qlora.quantization.shells import quantize_model
-from lightning_qlora.utils.dtypes import DTypeLike, default_dtype, to_dtype
+from lightning_qlora.utils.dtypes import DTypeLike, default_dtype, dtype_name, to_dtype
 from lightning_qlora.utils.imports import bitsandbytes
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,13 @@ class NF4Precision(Precision):
         self.footprint: Footprint | None = None
         self.quantized_names: list[str] = []
         bitsandbytes()  # imported here, once, so the first step does not pay for it
+
+    def __repr__(self) -> str:
+        """``NF4Precision(nf4-dq, compute_dtype=bf16, blocksize=64)``: what it quantizes to and computes in."""
+        return (
+            f"{type(self).__name__}({self.precision}, compute_dtype={dtype_name(self.config.compute_dtype)}, "
+            f"blocksize={self.config.blocksize})"
+        )
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:

@@ -160,6 +160,10 @@ def unknown_model_class(w):
     return ["fit", "--config", recipe(w), "--model.class_path=lightning_qlora.NoSuchModel"], "NoSuchModel"
 
 
+def trainer_precision_beside_nf4(w):
+    return ["fit", "--config", recipe(w), "--trainer.precision=16-mixed"], "16-mixed was given beside the recipe's NF4"
+
+
 def lora_rank_zero(w):
     return ["fit", "--config", recipe(w, lambda c: callback(c, "LoRA")["init_args"].update(r=0))], "r=0"
 
@@ -555,6 +559,7 @@ def disk_full_at_adapter_export(w):
 
 CASES = [
     missing_config, yaml_syntax_error, unknown_trainer_key, wrong_type_for_max_steps, unknown_model_class,
+    trainer_precision_beside_nf4,
     lora_rank_zero, lora_dropout_above_one, lora_targets_nothing, export_dir_is_a_file, unknown_quant_type,
     unsupported_blocksize, unknown_compute_dtype, unknown_optimizer, data_file_missing, data_file_empty,
     data_broken_json_row, data_row_missing_output, data_row_wrong_type, data_row_with_a_mistyped_role,

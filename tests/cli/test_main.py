@@ -208,3 +208,18 @@ def test_config_yaml_is_the_recipe_of_the_run_that_trained(recipe, tmp_path, cap
     assert saved.read_bytes() == before
     main(["fit", "--config", str(recipe), "--trainer.max_steps=1", "--model.init_args.lr=0.003"])
     assert yaml.safe_load(saved.read_text())["model"]["init_args"]["lr"] == 0.003
+
+
+def test_top_level_help_names_every_command(capsys):
+    """``lightning-qlora --help`` lists the commands that are not Lightning subcommands too (each answers --help)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for command in ("fit", "evaluate", "generate", "chat", "serve", "export", "memory"):
+        assert command in text
+    for command in ("generate", "chat", "serve", "export", "memory"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert f"lightning-qlora {command}" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -102,9 +103,11 @@ def _recipe_source(path: str) -> ExportSource:
 def _checkpoint(path: Path) -> dict[str, Any]:
     """The LoRA checkpoint at ``path``, read safely; refused in one line when the LoRA callback did not write it."""
     from lightning_qlora.lora.loading import checkpoint_lora_config
-    from lightning_qlora.plugins.checkpoint_io import load_checkpoint_file
+    from lightning_qlora.plugins.checkpoint_io import later_run_note, load_checkpoint_file
 
     checkpoint = load_checkpoint_file(path)
+    if note := later_run_note(path):
+        print(f"lightning-qlora export: using {path}{note}", file=sys.stderr, flush=True)
     try:
         checkpoint_lora_config(checkpoint, path)
     except ValueError as err:

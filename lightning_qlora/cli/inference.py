@@ -29,7 +29,7 @@ from lightning_qlora.data.inference_prompts import adds_special_tokens, render_p
 from lightning_qlora.lora.loading import adapter_kind
 from lightning_qlora.lora.loading import load_adapter as load_lora_adapter
 from lightning_qlora.models.generation import GenerationOptions, context_window, encode_prompts
-from lightning_qlora.plugins.checkpoint_io import load_checkpoint_file
+from lightning_qlora.plugins.checkpoint_io import later_run_note, load_checkpoint_file
 from lightning_qlora.plugins.precision import NF4Precision
 from lightning_qlora.utils.modules import model_root
 
@@ -106,7 +106,7 @@ def load_adapter(module: pl.LightningModule, adapter: str | os.PathLike, trainer
     load_lora_adapter(module, path, checkpoint, root=model_root(module), quantization=state.get("quantization"))
     if checkpoint is None:
         return f"PEFT adapter {path}"
-    return f"adapter of checkpoint {path} (step {int(checkpoint.get('global_step', 0))})"
+    return f"adapter of checkpoint {path} (step {int(checkpoint.get('global_step', 0))}){later_run_note(path)}"
 
 
 @dataclass

@@ -244,8 +244,10 @@ def ollama_modelfile(tokenizer: Any, config: Any, gguf_name: str) -> str:
     lines = [f"# ollama create <name> -f {MODELFILE_NAME}  (then: ollama run <name>)", f"FROM ./{gguf_name}"]
     if template is not None:
         lines.append(f"TEMPLATE {_quoted(template)}")
-    else:
+    elif getattr(tokenizer, "chat_template", None):
         lines.append("# no TEMPLATE: Ollama derives it from the chat template stored in the GGUF file")
+    else:  # a base model's tokenizer: Ollama then passes the prompt through as it is ({{ .Prompt }})
+        lines.append("# no TEMPLATE: the tokenizer has no chat template, so prompts go to the model as they are")
     if system:
         lines.append(f"SYSTEM {_quoted(system)}")
     lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stop_tokens(tokenizer, config)]

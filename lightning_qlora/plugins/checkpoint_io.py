@@ -219,6 +219,23 @@ def find_last_checkpoint(folders: list[Path]) -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
+def later_run_note(path: _PATH) -> str:
+    """``"; note: ..."`` if ``path`` is a ``last[-v<n>].ckpt`` and a later run left a newer one beside it, else ``""``.
+
+    Lightning keeps an earlier run's ``last.ckpt`` and names a rerun's ``last-v1.ckpt``: a command given
+    ``last.ckpt`` would silently use the older run.
+    """
+    path = Path(path)
+    if not re.fullmatch(r"last(-v\d+)?", path.stem) or path.suffix != ".ckpt" or not path.is_file():
+        return ""
+    newest = find_last_checkpoint([path.parent])
+    if newest is None or Path(newest).resolve() == path.resolve():
+        return ""
+    step = checkpoint_global_step(newest)
+    at = f" (step {step})" if step is not None else ""
+    return f"; note: a later run wrote {newest}{at}, pass that file to use it"
+
+
 def _unsafe_global(message: str) -> str:
     for line in message.splitlines():
         if "Unsupported global" in line or "GLOBAL" in line:

@@ -21,7 +21,7 @@ from lightning_qlora.lora.layer import LoRAConfig, inject_lora, lora_modules
 from lightning_qlora.lora.merge import merge_lora
 from lightning_qlora.models import gguf_export
 from lightning_qlora.models.gguf_export import GGUF_FILE_NAME, export_gguf, llama3_rope_factors
-from lightning_qlora.models.gguf_vocab import MODELFILE_NAME, ollama_template
+from lightning_qlora.models.gguf_vocab import MODELFILE_NAME, ollama_modelfile, ollama_template
 
 TOLERANCE = {"f16": 1e-2, "bf16": 5e-2, "q8_0": 1.5e-1}
 """max |logit(GGUF) - logit(merged fp32)| allowed; measured on these models: f16 ≈ 2e-3, bf16 ≈ 1.5e-2, q8_0 ≈ 5e-2."""
@@ -210,6 +210,10 @@ def test_modelfile_uses_chatml_and_the_template_default_system(models, tmp_path)
     assert template.startswith("{{- range .Messages }}<|im_start|>") and system == "Be brief."
     smol.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     assert ollama_template(smol) == (None, None)  # Ollama then reads the template from the GGUF file
+    config = model.config
+    assert "derives it from the chat template stored in the GGUF" in ollama_modelfile(smol, config, "m.gguf")
+    smol.chat_template = None  # a base model: nothing in the GGUF to derive a template from, and none claimed
+    assert "the tokenizer has no chat template" in ollama_modelfile(smol, config, "m.gguf")
 
 
 def test_refusals_are_one_line_and_write_nothing(models, tiny_tokenizer, tmp_path):

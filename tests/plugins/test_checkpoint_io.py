@@ -128,3 +128,18 @@ def test_usable_as_a_trainer_plugin_and_installed_in_one_place():
     assert type(plain.strategy.checkpoint_io) is TorchCheckpointIO  # strategies install nothing themselves
     use_atomic_checkpoint_io(plain)
     assert type(plain.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_later_run_note_names_a_newer_last_checkpoint_beside_the_given_one(tmp_path):
+    """A rerun into the same folder writes ``last-v1.ckpt`` (Lightning keeps the earlier ``last.ckpt``): commands given
+    ``last.ckpt`` say that a later run's checkpoint is beside it; given the newest or another name: nothing."""
+    from lightning_qlora.plugins.checkpoint_io import later_run_note
+
+    first, second, other = tmp_path / "last.ckpt", tmp_path / "last-v1.ckpt", tmp_path / "step=5.ckpt"
+    torch.save({"global_step": 40}, first)
+    torch.save({"global_step": 40}, other)
+    assert later_run_note(first) == ""
+    torch.save({"global_step": 12}, second)
+    os.utime(first, (1_000_000, 1_000_000))
+    assert later_run_note(first) == f"; note: a later run wrote {second} (step 12), pass that file to use it"
+    assert later_run_note(second) == "" and later_run_note(other) == ""

@@ -71,6 +71,12 @@ def prompt_row(row: Any, fmt: RowFormat, where: str, system_prompt: str | None =
         reference = messages.pop()["content"] if messages and messages[-1]["role"] == "assistant" else None
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: no user turn to answer; add a message with role 'user' or remove the row")
+    if messages[-1]["role"] != "user":  # [user, assistant, assistant]: the answer would follow an assistant turn
+        roles = ", ".join(m["role"] for m in messages) + (", assistant (reference)" if reference is not None else "")
+        raise DataError(
+            f"{where}: the turns are {roles}; the model answers a user turn, so the last user message must come right "
+            "before the (optional) final assistant answer"
+        )
     return PromptRow(messages=messages, where=where, reference=reference, id=row.get("id"))
 
 

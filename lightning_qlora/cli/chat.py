@@ -7,7 +7,8 @@
 
 The conversation is kept and rendered through the chat template (or the Alpaca prompt) the model was trained with;
 ``/reset`` starts a new one, ``/exit`` (or end of input, Ctrl+D) quits, Ctrl+C stops the answer being generated. On a
-terminal there is a ``>>`` prompt with line editing; with piped input only the answers are written, one per line.
+terminal there is a ``>>`` prompt with line editing; with piped input only the answers are written, each ended by a
+newline (an answer may span lines: ``generate`` writes one JSON record per prompt).
 """
 
 from __future__ import annotations

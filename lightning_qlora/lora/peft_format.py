@@ -41,6 +41,7 @@ from lightning_qlora.lora.peft_modules import (
     plan_saved_modules,
     saved_modules,
 )
+from lightning_qlora.lora.peft_targets import peft_target_modules, split_targets
 from lightning_qlora.quantization.experts import is_experts_module
 from lightning_qlora.quantization.nf4 import is_4bit_linear
 from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, linear_shape
@@ -58,55 +59,6 @@ _UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "alora_invocation_t
     key: key  # config fields whose non-default value changes what the weights mean
     for key in ("lora_bias", "layer_replication", "trainable_token_indices")
 }
-
-
-def _peft_matches(key: str, targets: list[str] | str) -> bool:
-    """PEFT's ``check_target_module_exists`` for a list (exact or ``.suffix``) or a regex (full match)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    return key in targets or any(key.endswith(f".{t}") for t in targets)
-
-
-def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str] | str:
-    """The shortest ``target_modules`` with which PEFT adapts exactly ``adapted`` among ``model``'s modules.
-
-    Tries the distinct last name components (``["k_proj", "q_proj", ...]``), then the full names, then an anchored
-    regex; PEFT matches a list entry against the full name or any ``.``-suffix of it.
-    """
-    inner = tuple(f"{name}." for name, _ in lora_modules(model))  # base_layer etc.: PEFT sees the plain base model
-    names = [n for n, _ in model.named_modules() if n and not n.startswith(inner) and ".lora_experts" not in f".{n}"]
-    wanted = set(adapted)
-    candidates: list[list[str] | str] = [
-        sorted({n.rsplit(".", 1)[-1] for n in adapted}),
-        sorted(wanted),
-        "|".join(re.escape(n) for n in sorted(wanted)),
-    ]
-    for targets in candidates:
-        if {n for n in names if _peft_matches(n, targets)} == wanted:
-            return targets
-    return candidates[-1]
-
-
-V4_EXPERT_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
-"""Leaf names of MoE expert projections before transformers 5 fused them into stacks (see :func:`_split_targets`)."""
-
-
-def _split_targets(model: nn.Module, names: list[str], experts: bool) -> tuple[list[str] | str, list[str]]:
-    """``(target_modules, target_parameters)`` that make PEFT adapt exactly the linear layers ``names``.
-
-    In a model with adapted expert stacks, peft (0.19 to at least 0.21) reads a ``target_modules`` entry named like a
-    transformers-4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``, ``w1``..``w3``) as an adapter for
-    the fused stacks: the dense and shared MLP layers of DeepSeek-V3, GLM-4-MoE or ERNIE-4.5-MoE would lose their
-    adapters and the stacks' rank would double (peft issue #3711). Those layers go into ``target_parameters`` as
-    ``<name>.weight`` instead, which peft adapts with the same tensors under the same keys.
-    """
-    moved = sorted(n for n in names if experts and n.rsplit(".", 1)[-1] in V4_EXPERT_NAMES)
-    kept = [n for n in names if n not in moved]
-    modules = peft_target_modules(model, kept) if kept else []
-    if not moved:
-        return modules, []
-    short = peft_target_modules(model, moved)
-    return modules, [f"{t}.weight" for t in (sorted(moved) if isinstance(short, str) else short)]
 
 
 def _sources(layers: dict[str, LoRALinear]) -> list[LoRALinear]:
@@ -156,7 +108,7 @@ def export_peft(
     """
     layers = dict(lora_modules(model))
     expert_tensors, target_parameters = peft_expert_tensors(model)
-    target_modules, linear_parameters = _split_targets(model, list(layers), bool(expert_tensors))
+    target_modules, linear_parameters = split_targets(model, list(layers), bool(expert_tensors))
     if not layers and not expert_tensors:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to export; call inject_lora(model, config) first")
     saved = saved_modules(model) if saved is None else saved
@@ -324,7 +276,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     use_rslora = bool(cfg.get("use_rslora", False))
     alpha_default = cfg.get("lora_alpha", 8)
     targets = cfg.get("target_modules")
-    if isinstance(targets, list):  # linear layers peft adapts through target_parameters (see _split_targets)
+    if isinstance(targets, list):  # linear layers peft adapts through target_parameters (see split_targets)
         targets = targets + [
             t.removesuffix(".weight") for t in cfg.get("target_parameters") or [] if t.endswith(".weight")
         ]

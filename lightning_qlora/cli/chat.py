@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import Inference, InferenceCLI, quiet_lightning
 from lightning_qlora.data.prompts import DataError
-from lightning_qlora.models.generation import TextStream
+from lightning_qlora.models.streaming import TextStream
 from lightning_qlora.utils.errors import first_line
 
 PROMPT = ">> "

@@ -25,7 +25,8 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_qlora.cli.inference import Inference, InferenceCLI, quiet_lightning
 from lightning_qlora.cli.openai_spec import OpenAIServeSpec, PreparedCompletion, PromptRenderer, add_error_handlers
-from lightning_qlora.models.generation import GenerationOptions, TextStream, encode_prompts
+from lightning_qlora.models.generation import GenerationOptions, encode_prompts
+from lightning_qlora.models.streaming import TextStream
 from lightning_qlora.utils.errors import first_line
 
 DESCRIPTION = "Serve the fine-tuned model over an OpenAI-compatible HTTP API (LitServe)."

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -181,7 +180,7 @@ def generate_kwargs(model: nn.Module, tokenizer: Any, options: GenerationOptions
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Reseed the random numbers inside the block, leaving the caller's random state as it was (``None``: as is)."""
     if seed is None:
         yield
@@ -191,7 +190,8 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (CPU for a model without parameters)."""
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
@@ -258,18 +258,19 @@ def _generate_batch(
     seed: int | None,
 ) -> list[Completion]:
     """One ``model.generate`` call over a left-padded batch whose rows all get the same token budget."""
-    device = _device(model)
+    device = model_device(model)
     kwargs = generate_kwargs(model, tokenizer, options, int(attention_mask.sum(dim=1).max()))
-    with _seeded(seed if options.sample else None, device):
+    with seeded(seed if options.sample else None, device):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
     new = out[:, input_ids.shape[1] :].tolist()
     prompt_lengths = attention_mask.sum(dim=1).tolist()
-    return [_completion(tokenizer, row, options, kwargs, int(n)) for row, n in zip(new, prompt_lengths)]
+    return [completion_of(tokenizer, row, options, kwargs, int(n)) for row, n in zip(new, prompt_lengths)]
 
 
-def _completion(
+def completion_of(
     tokenizer: Any, new: list[int], options: GenerationOptions, kwargs: dict, prompt_tokens: int
 ) -> Completion:
+    """The :class:`Completion` of ``new`` (the tokens after the prompt): cut at end-of-sequence or the first stop."""
     eos = set(kwargs["eos_token_id"] or [])
     end = next((i for i, token in enumerate(new) if token in eos), None)
     ids = new if end is None else new[:end]
@@ -289,129 +290,16 @@ def first_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-class StopStringFilter:
-    """Pass streamed text through until a stop string; hold back a tail that could still become one.
-
-    Streamed pieces cut words anywhere, so a stop string can arrive split over pieces: the longest end of the text
-    that is a prefix of a stop string is kept back until the next piece says whether it is one.
-    """
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.stop = list(stop)
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """Add ``piece``; return the text that is now safe to show."""
-        if self.stopped:
-            return ""
-        text = self.pending + piece
-        cut = first_stop(text, self.stop)
-        if cut is not None:
-            self.stopped, self.pending = True, ""
-            return text[:cut]
-        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        self.pending = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        """The text held back, once the stream has ended without a stop string."""
-        rest, self.pending = ("" if self.stopped else self.pending), ""
-        return rest
-
-
-class TextStream:
-    """Generate one prompt's completion in a background thread and iterate over its text as it is produced.
-
-    Iterating yields text pieces (transformers' ``TextIteratorStreamer``, stop strings held back and cut); after
-    the loop :attr:`completion` holds the whole :class:`Completion` (finish reason, token counts). An error in
-    generation is raised from the loop.
-
-    Args:
-        model: a transformers causal LM.
-        tokenizer: its tokenizer.
-        input_ids: ``(1, length)`` prompt ids.
-        attention_mask: its attention mask.
-        options: decoding options.
-        context: a factory of the context the generating thread runs in (the precision plugin's autocast; the
-            thread does not inherit the caller's), entered together with ``torch.inference_mode``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        options: GenerationOptions,
-        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    ) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"TextStream streams one prompt at a time, got a batch of {input_ids.shape[0]}")
-        self.completion: Completion | None = None
-        self._error: BaseException | None = None
-        self._cancel = threading.Event()
-
-        class Cancelled(StoppingCriteria):  # generate checks it after every token
-            def __call__(self, ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                return torch.full((ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=ids.device)
-
-        cancel = self._cancel
-        self._stopping = StoppingCriteriaList([Cancelled()])
-        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._filter = StopStringFilter(options.stop)
-        args = (model, tokenizer, input_ids, attention_mask, options, context)
-        self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="lightning-qlora-generate")
-        self._thread.start()
-
-    def _run(self, model, tokenizer, input_ids, attention_mask, options, context) -> None:  # noqa: ANN001
-        try:
-            with torch.inference_mode(), context():
-                device = _device(model)
-                kwargs = generate_kwargs(model, tokenizer, options, int(input_ids.shape[1]))
-                with _seeded(options.seed if options.sample else None, device):
-                    out = model.generate(
-                        input_ids=input_ids.to(device),
-                        attention_mask=attention_mask.to(device),
-                        streamer=self._streamer,
-                        stopping_criteria=self._stopping,
-                        **kwargs,
-                    )
-            new = out[0, input_ids.shape[1] :].tolist()
-            self.completion = _completion(tokenizer, new, options, kwargs, int(attention_mask.sum()))
-        except BaseException as err:  # re-raised in the consumer's thread
-            self._error = err
-            self._streamer.end()  # unblock the consumer
-
-    def cancel(self) -> None:
-        """Stop generating after the current token (the loop then ends; :attr:`completion` holds what was made)."""
-        self._cancel.set()
-
-    def __iter__(self) -> Iterator[str]:
-        """Text pieces as they are generated (stop strings cut); raises what generation raised."""
-        for piece in self._streamer:
-            text = self._filter.feed(piece)
-            if text:
-                yield text
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        rest = self._filter.flush()
-        if rest:
-            yield rest
-
-
 __all__ = [
     "Completion",
     "GenerationOptions",
     "context_window",
     "PromptCollator",
-    "StopStringFilter",
-    "TextStream",
     "encode_prompts",
     "first_stop",
     "generate",
+    "completion_of",
     "generate_kwargs",
+    "model_device",
+    "seeded",
 ]

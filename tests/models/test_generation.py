@@ -6,8 +6,6 @@ from conftest import build_tiny_llama
 
 from lightning_qlora.models.generation import (
     GenerationOptions,
-    StopStringFilter,
-    TextStream,
     encode_prompts,
     generate,
 )
@@ -62,23 +60,6 @@ def test_stop_string_cuts_the_completion(model, tiny_tokenizer, greedy):
         cut = generate(model, tiny_tokenizer, batch["input_ids"], batch["attention_mask"], options)[0]
     assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
     assert cut.completion_tokens < 12
-
-
-def test_stream_pieces_add_up_to_the_completion(model, tiny_tokenizer, greedy):
-    batch, completions = greedy
-    one = encode_prompts(tiny_tokenizer, PROMPTS[1:2], add_special_tokens=True)
-    stream = TextStream(model, tiny_tokenizer, one["input_ids"], one["attention_mask"], GenerationOptions(12))
-    pieces = list(stream)
-    assert len(pieces) > 1 and "".join(pieces) == completions[1].text
-    assert stream.completion.token_ids == completions[1].token_ids
-
-
-def test_stop_filter_holds_back_a_split_stop_string():
-    stops = StopStringFilter(["###"])
-    assert [stops.feed(p) for p in ["Paris", " is #", "#", "# more"]] == ["Paris", " is ", "", ""]
-    assert stops.flush() == ""
-    keep = StopStringFilter(["###"])
-    assert keep.feed("a #") == "a " and keep.flush() == "#"
 
 
 def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(model, tiny_tokenizer, greedy):

@@ -388,7 +388,10 @@ def _log_handlers_to(stream) -> None:
             if type(handler).__module__.startswith("_pytest"):  # pytest's capture: nothing reads it in a child
                 logger.removeHandler(handler)
             elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setStream(stream)
+                try:
+                    handler.setStream(stream)
+                except ValueError:  # setStream flushed the old stream: a capture buffer closed since (litserve's)
+                    handler.stream = stream
 
 
 HEAVY_FIRST = (

@@ -39,15 +39,17 @@ def chat_command(args: list[str], parser_class: type[LightningArgumentParser] = 
         ValueError: for bad options or an adapter that does not fit (the CLI prints one line).
     """
     interactive = sys.stdin.isatty()
-    quiet_lightning()
-    cli = InferenceCLI(args, parser_class, "lightning-qlora chat", "Chat with the fine-tuned model in the terminal.")
-    inference = cli.inference().load()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        commands = ", ".join(f"{name} {what}" for name, what in COMMANDS.items())
-        print(f"lightning-qlora chat: {inference.loaded}. {commands}; Ctrl+C stops an answer.", file=sys.stderr)
-    Chat(inference, sys.stdout, interactive).run(sys.stdin)
+    with quiet_lightning():
+        cli = InferenceCLI(
+            args, parser_class, "lightning-qlora chat", "Chat with the fine-tuned model in the terminal."
+        )
+        inference = cli.inference().load()
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+            commands = ", ".join(f"{name} {what}" for name, what in COMMANDS.items())
+            print(f"lightning-qlora chat: {inference.loaded}. {commands}; Ctrl+C stops an answer.", file=sys.stderr)
+        Chat(inference, sys.stdout, interactive).run(sys.stdin)
 
 
 class Chat:

@@ -9,10 +9,11 @@ the same recipe the model was trained with (``--config``, overrides as for ``fit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,10 +371,21 @@ def generation_options(config: Any) -> GenerationOptions:
     )
 
 
-def quiet_lightning() -> None:
-    """Keep Lightning's and NF4Precision's info lines (devices, footprint) off an interactive terminal."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_qlora"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's and NF4Precision's info lines (devices, footprint) off the terminal inside the block.
+
+    The loggers' levels are restored after it, so a command run in-process (tests, notebooks) leaves them as found.
+    """
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning_qlora")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 __all__ = ["Inference", "InferenceCLI", "load_adapter", "load_for_inference"]

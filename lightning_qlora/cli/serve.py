@@ -107,11 +107,11 @@ class QLoRAServeAPI(ls.LitAPI):
 
     def setup(self, device: Any) -> None:
         """Build the 4-bit model and load its adapter on ``device`` (:func:`~.inference.load_for_inference`)."""
-        quiet_lightning()
-        cli = InferenceCLI(
-            self.args, self.parser_class, "lightning-qlora serve", DESCRIPTION, _arguments, device=device
-        )
-        self.inference = cli.inference().load()
+        with quiet_lightning():
+            cli = InferenceCLI(
+                self.args, self.parser_class, "lightning-qlora serve", DESCRIPTION, _arguments, device=device
+            )
+            self.inference = cli.inference().load()
         print(f"lightning-qlora serve: worker ready on {device}: {self.inference.loaded}", file=sys.stderr, flush=True)
 
     def decode_request(self, request: Any, **kwargs: Any) -> Any:

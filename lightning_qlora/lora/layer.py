@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_qlora.lora.dropout import dropout
 from lightning_qlora.lora.function import fused_lora_linear
+from lightning_qlora.quantization.linear_probe import stands_in_as_linear
 from lightning_qlora.quantization.nf4 import (
     DEFAULT_SKIP_MODULES,
     is_4bit_linear,
@@ -211,6 +212,7 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         ValueError: if the model has no linear layer, or the targets match none of them.
     """
     linears = [n for n, m in model.named_modules() if _is_adaptable(n, m) and ".base_layer" not in f".{n}"]
+    linears = [n for n in linears if stands_in_as_linear(model, n, model.get_submodule(n))]
     linears = [n for n in linears if not isinstance(model.get_submodule(n), LoRALinear)]
     if not linears and not any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no linear layers; LoRA needs nn.Linear (or 4-bit) layers")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora.quantization.linear_probe import stands_in_as_linear
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, QuantizationConfig, is_skipped, make_params4bit
 from lightning_qlora.utils.imports import bitsandbytes
 
@@ -255,6 +256,8 @@ def shell_candidates(model: nn.Module, config: QuantizationConfig) -> Iterator[t
             continue
         logical = name.removesuffix(".base_layer")
         if is_skipped(logical, skip) or is_router(logical, module) or name in tied:
+            continue
+        if not stands_in_as_linear(model, name, module):  # its weight is read directly, or it is no linear map
             continue
         yield name, module
 

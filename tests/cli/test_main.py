@@ -1,6 +1,7 @@
 """`lightning-qlora` end to end on a tiny local model, and its one-line errors for bad input."""
 
 import json
+import logging
 import sys
 
 import pytest
@@ -218,8 +219,11 @@ def test_top_level_help_names_every_command(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for command in ("fit", "evaluate", "generate", "chat", "serve", "export", "memory"):
         assert command in text
+    levels = {name: logging.getLogger(name).level for name in ("lightning.pytorch", "lightning_qlora")}
     for command in ("generate", "chat", "serve", "export", "memory"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
         assert f"lightning-qlora {command}" in capsys.readouterr().out
+    # run in-process, a command leaves the loggers as found (chat quiets Lightning's info lines only while it runs)
+    assert {name: logging.getLogger(name).level for name in levels} == levels

@@ -1,0 +1,143 @@
+"""Which linear-like modules a 4-bit weight and an adapter can stand in for: those used only as ``x·Wᵀ + b``.
+
+A model can use a linear layer in two other ways, and then neither a packed 4-bit weight nor an adapter works:
+
+* its parent reads the weight as a tensor (Mamba's ``self.dt_proj.weight @ time_step``): the packed codes are not
+  the matrix, and an adapter would never be added to what the parent reads;
+* an ``nn.Linear`` subclass whose own forward is not the linear map (DeepSeek-V4's grouped output projection views its
+  weight as one block per head group): an adapter's ``x·Aᵀ`` does not fit its input.
+
+Such modules keep their full-precision weight and get no adapter, as routers do (one warning per class). The first
+is found in the parent class's source (every method but initialisation), the second by running the subclass's
+forward once on a probe input (meta tensors when the weight is not loaded yet).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_qlora.quantization.nf4 import is_4bit_linear
+
+_WEIGHT_READ = re.compile(
+    r"(?<!isinstance\()self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|requires_grad|data\b|is_\w+|_\w+"
+    r"|numel|element_size|nelement|new_\w+|get_device)|\s*=[^=])"
+)
+"""``self.<child>.weight`` used as a tensor: not a metadata read (``.dtype``, ``.shape``...), an ``isinstance`` check
+or an assignment (tying)."""
+
+
+@functools.cache
+def weights_read_by(cls: type) -> frozenset[str]:
+    """Names of the children whose ``.weight`` a module class reads as a tensor outside its initialisation methods."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
+            continue
+        for attr, value in vars(klass).items():
+            if not inspect.isfunction(value) or "init" in attr or "tie" in attr:
+                continue
+            try:
+                source = inspect.getsource(value)
+            except (OSError, TypeError):  # built at runtime, no source
+                continue
+            names |= set(_WEIGHT_READ.findall(source))
+    return frozenset(names)
+
+
+def _own_forward(cls: type) -> bool:
+    """Whether a class between ``cls`` and ``nn.Linear`` defines a forward that does not call ``super``'s."""
+    for klass in cls.__mro__:
+        if klass is nn.Linear:
+            return False
+        forward = vars(klass).get("forward")
+        if forward is not None:
+            return "super" not in forward.__code__.co_names
+    return False
+
+
+_LINEAR_CLASSES: dict[type, bool] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def computes_linear_map(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is ``x·Wᵀ + b`` over its whole weight (probed once per class; see the module doc).
+
+    Args:
+        module: a linear-like module (``nn.Linear`` or a subclass; anything else is taken as it is).
+    """
+    cls = type(module)
+    if cls is nn.Linear or not isinstance(module, nn.Linear) or not _own_forward(cls):
+        return True
+    if is_4bit_linear(module) or getattr(module, "source_cls", None) is not None:
+        return True  # ours, or bitsandbytes' own: quantized as a linear map (the source class was probed before)
+    if cls not in _LINEAR_CLASSES:
+        _LINEAR_CLASSES[cls] = _probe(module)
+    return _LINEAR_CLASSES[cls]
+
+
+def _probe(module: nn.Linear) -> bool:
+    weight, bias = module.weight, module.bias
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x = x.to(device=weight.device, dtype=dtype)
+    try:
+        with torch.no_grad():
+            y = type(module).forward(module, x)
+    except Exception:  # noqa: BLE001 (any error means: not the linear map over this input)
+        return False
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (3, module.out_features):
+        return False
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        return True
+    with torch.no_grad():
+        expected = F.linear(x, weight, bias)
+    return bool(torch.allclose(y.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-6))
+
+
+def stands_in_as_linear(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether the linear-like ``module`` at ``name`` in ``model`` may be quantized and adapted.
+
+    Names inside a LoRA wrapper (``....base_layer``) are judged by the wrapper's parent. Warns once per class for a
+    module left in full precision.
+    """
+    logical = name.removesuffix(".base_layer")
+    parent_name, _, leaf = logical.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name or logical else model
+    if leaf in weights_read_by(type(parent)):
+        read = ", ".join(
+            n for n in sorted(weights_read_by(type(parent))) if n == leaf or _linear(getattr(parent, n, None))
+        )
+        _warn_once(
+            (type(parent).__qualname__, ""),
+            f"{type(parent).__name__} reads the weights of {read} itself, so those layers stay in full precision "
+            "without adapters",
+        )
+        return False
+    if not computes_linear_map(module):
+        _warn_once(
+            (type(module).__qualname__, ""),
+            f"{type(module).__name__} ({logical}) does not compute x·Wᵀ + b over its weight, so it and its kind stay "
+            "in full precision without an adapter",
+        )
+        return False
+    return True
+
+
+def _linear(module: object) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or is_4bit_linear(module)
+
+
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+__all__ = ["computes_linear_map", "stands_in_as_linear", "weights_read_by"]

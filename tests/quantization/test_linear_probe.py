@@ -7,11 +7,12 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
 from transformers import AutoModelForCausalLM, MambaConfig
 from transformers.models.t5.modeling_t5 import T5DenseActDense
 
-from lightning_qlora import CausalLM, LoRA, NF4Precision, PagedOptimizerStrategy
+from lightning_qlora import CausalLM, LoRA
 from lightning_qlora.lora.layer import LoRAConfig, LoRALinear, find_lora_targets
 from lightning_qlora.quantization import linear_probe
 from lightning_qlora.quantization.linear_probe import computes_linear_map, stands_in_as_linear, weights_read_by
@@ -101,11 +102,7 @@ def test_mamba_trains_in_4_bits_with_dt_proj_in_full_precision(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(
-        plugins=[NF4Precision(compute_dtype="fp32")], callbacks=[LoRA(r=8, dropout=0.0), Record()],
-        strategy=PagedOptimizerStrategy(), max_steps=3, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, [LoRA(r=8, dropout=0.0), Record()], max_steps=3)
     with pytest.warns(UserWarning, match="MambaMixer reads the weights of dt_proj, out_proj, x_proj itself"):
         trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": ids, "labels": ids}] * 3, batch_size=None))
     mixer = module.model.backbone.layers[0].mixer

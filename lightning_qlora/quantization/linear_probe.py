@@ -8,16 +8,20 @@ A model can use a linear layer in two other ways, and then neither a packed 4-bi
   weight as one block per head group): an adapter's ``x·Aᵀ`` does not fit its input.
 
 Such modules keep their full-precision weight and get no adapter, as routers do (one warning per class). The first
-is found in the parent class's source (every method but initialisation), the second by running the subclass's
+is found in the parent class's source (every method but initialisation and tying, parsed once per class; a read
+under an ``if`` that the module's own settings decide against does not count), the second by running the subclass's
 forward once on a probe input (meta tensors when the weight is not loaded yet).
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
-import re
+import textwrap
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,18 +29,22 @@ from torch.nn import functional as F
 
 from lightning_qlora.quantization.nf4 import is_4bit_linear
 
-_WEIGHT_READ = re.compile(
-    r"(?<!isinstance\()self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|requires_grad|data\b|is_\w+|_\w+"
-    r"|numel|element_size|nelement|new_\w+|get_device)|\s*=[^=])"
-)
-"""``self.<child>.weight`` used as a tensor: not a metadata read (``.dtype``, ``.shape``...), an ``isinstance`` check
-or an assignment (tying)."""
+_METADATA = frozenset({"dtype", "device", "shape", "size", "ndim", "dim", "requires_grad", "data", "numel",
+                       "element_size", "nelement", "get_device"})  # fmt: skip
+"""Attributes of ``self.<child>.weight`` that read its metadata, not its values (so do ``is_*``, ``new_*``, ``_*``)."""
+
+
+@dataclass(frozen=True)
+class _Read:
+    child: str
+    """The child whose ``.weight`` is read."""
+    guards: tuple[tuple[ast.expr, bool], ...]
+    """The ``if`` tests around the read, each with the truth value under which the read runs."""
 
 
 @functools.cache
-def weights_read_by(cls: type) -> frozenset[str]:
-    """Names of the children whose ``.weight`` a module class reads as a tensor outside its initialisation methods."""
-    names: set[str] = set()
+def _reads(cls: type) -> tuple[_Read, ...]:
+    reads: list[_Read] = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
             continue
@@ -44,11 +52,83 @@ def weights_read_by(cls: type) -> frozenset[str]:
             if not inspect.isfunction(value) or "init" in attr or "tie" in attr:
                 continue
             try:
-                source = inspect.getsource(value)
-            except (OSError, TypeError):  # built at runtime, no source
+                tree = ast.parse(textwrap.dedent(inspect.getsource(value)))
+            except (OSError, TypeError, SyntaxError):  # built at runtime, no source
                 continue
-            names |= set(_WEIGHT_READ.findall(source))
-    return frozenset(names)
+            reads += _scan(tree, ())
+    return tuple(reads)
+
+
+def _scan(node: ast.AST, guards: tuple[tuple[ast.expr, bool], ...]) -> Iterator[_Read]:
+    """``self.<child>.weight`` read as a tensor: not metadata, an ``isinstance`` check or an assignment (tying)."""
+    if isinstance(node, ast.If):
+        yield from _scan(node.test, guards)
+        for branch, taken in ((node.body, True), (node.orelse, False)):
+            for statement in branch:
+                yield from _scan(statement, (*guards, (node.test, taken)))
+        return
+    if isinstance(node, ast.Attribute) and _weight_of(node.value) and _is_metadata(node.attr):
+        return
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "hasattr"):
+        return
+    child = _weight_of(node)
+    if child is not None and isinstance(node.ctx, ast.Load):  # type: ignore[attr-defined]
+        yield _Read(child, guards)
+        return
+    for inner in ast.iter_child_nodes(node):
+        yield from _scan(inner, guards)
+
+
+def _weight_of(node: ast.AST) -> str | None:
+    """``child`` for the expression ``self.child.weight``, else None."""
+    if isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.value, ast.Attribute):
+        owner = node.value.value
+        if isinstance(owner, ast.Name) and owner.id == "self":
+            return node.value.attr
+    return None
+
+
+def _is_metadata(attr: str) -> bool:
+    return attr in _METADATA or attr.startswith(("is_", "new_", "_"))
+
+
+def _runs(guard: tuple[ast.expr, bool], module: nn.Module) -> bool:
+    """Whether a read under ``guard`` can run in ``module``: False only when the test is decided by its settings.
+
+    Only tests over ``self.<setting>`` (a bool, number, string or None fixed from the config, not ``training``)
+    without calls are evaluated; any other test may change at run time, so its read counts.
+    """
+    test, taken = guard
+    for node in ast.walk(test):
+        if isinstance(node, (ast.Call, ast.Lambda, ast.NamedExpr)) or isinstance(node, ast.Name) and node.id != "self":
+            return True
+        if isinstance(node, ast.Attribute) and not _setting(module, node):
+            return True
+    try:
+        value = eval(compile(ast.Expression(test), "<guard>", "eval"), {"__builtins__": {}}, {"self": module})  # noqa: S307
+    except Exception:  # noqa: BLE001 (undecided: the read counts)
+        return True
+    return bool(value) == taken
+
+
+def _setting(module: nn.Module, node: ast.Attribute) -> bool:
+    """Whether ``node`` is ``self.<name>`` holding a fixed setting of ``module`` (not its ``training`` flag)."""
+    if not isinstance(node.value, ast.Name) or node.attr == "training":
+        return False
+    value = getattr(module, node.attr, ...)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def weights_read_by(owner: type | nn.Module) -> frozenset[str]:
+    """Names of the children whose ``.weight`` a module reads as a tensor outside its initialisation methods.
+
+    Args:
+        owner: a module class (every read counts), or a module: reads under an ``if`` that its settings decide
+            against (Bloom's ``if self.pretraining_tp > 1 and self.slow_but_exact:``) do not count.
+    """
+    if isinstance(owner, type):
+        return frozenset(read.child for read in _reads(owner))
+    return frozenset(r.child for r in _reads(type(owner)) if all(_runs(guard, owner) for guard in r.guards))
 
 
 def _own_forward(cls: type) -> bool:
@@ -110,10 +190,9 @@ def stands_in_as_linear(model: nn.Module, name: str, module: nn.Module) -> bool:
     logical = name.removesuffix(".base_layer")
     parent_name, _, leaf = logical.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name or logical else model
-    if leaf in weights_read_by(type(parent)):
-        read = ", ".join(
-            n for n in sorted(weights_read_by(type(parent))) if n == leaf or _linear(getattr(parent, n, None))
-        )
+    reads = weights_read_by(parent)
+    if leaf in reads:
+        read = ", ".join(n for n in sorted(reads) if n == leaf or _linear(getattr(parent, n, None)))
         _warn_once(
             (type(parent).__qualname__, ""),
             f"{type(parent).__name__} reads the weights of {read} itself, so those layers stay in full precision "

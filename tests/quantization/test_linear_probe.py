@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import quiet_trainer
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, MambaConfig
 from transformers.models.t5.modeling_t5 import T5DenseActDense
 
@@ -53,6 +54,23 @@ class ReimplementedLinear(nn.Linear):
         return x @ self.weight.T + self.bias
 
 
+class SlicedMLP(nn.Module):
+    """Reads ``down.weight`` in slices only when its setting asks for it (as Bloom's ``slow_but_exact``)."""
+
+    def __init__(self, exact: bool):
+        super().__init__()
+        self.exact, self.tp = exact, 2
+        self.up, self.down, self.scale = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 128)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.tp > 1 and self.exact:
+            return sum(F.linear(part, w) for part, w in zip(h.chunk(2, -1), self.down.weight.chunk(2, -1)))
+        if self.training:  # a flag that changes at run time: the read counts whatever it is now
+            h = h * self.scale.weight.sum()
+        return self.down(h)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(linear_probe, "_WARNED", set())
@@ -62,6 +80,16 @@ def test_only_tensor_reads_outside_initialisation_count():
     assert weights_read_by(Mixer) == frozenset({"dt"})
     # T5 checks ``isinstance(self.wo.weight, torch.Tensor)`` and casts to ``self.wo.weight.dtype``: metadata only
     assert weights_read_by(T5DenseActDense) == frozenset()
+
+
+def test_reads_under_a_setting_count_only_where_the_setting_takes_that_branch():
+    assert weights_read_by(SlicedMLP) == frozenset({"down", "scale"})  # the class: every read
+    assert weights_read_by(SlicedMLP(exact=False).eval()) == frozenset({"scale"})
+    assert weights_read_by(SlicedMLP(exact=True)) == frozenset({"down", "scale"})
+    model = SlicedMLP(exact=False)
+    with pytest.warns(UserWarning, match="SlicedMLP reads the weights of scale itself"):
+        quantize_model(model, QuantizationConfig(compute_dtype=torch.float32))
+    assert is_4bit_linear(model.up) and is_4bit_linear(model.down) and not is_4bit_linear(model.scale)
 
 
 def test_subclass_forward_is_probed_once_on_real_and_meta_weights():

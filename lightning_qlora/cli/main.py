@@ -174,7 +174,7 @@ class QLoRACLI(LightningCLI):
         changed = [
             f"{key}={ours[key]!r} (trained with {value!r})"
             for key, value in hparams.items()
-            if not key.startswith("_") and key in ours and str(ours[key]) != str(value)
+            if not key.startswith("_") and key in ours and _comparable(ours[key]) != _comparable(value)
         ]
         if changed:
             print(
@@ -251,6 +251,13 @@ def default_guards(callbacks: list[Callback]) -> list[Callback]:
     return [
         cls() for cls in (ExactResume, NonFiniteGuard, OutOfMemoryAdvice) if not any(issubclass(h, cls) for h in have)
     ]
+
+
+def _comparable(value: Any) -> str:
+    """A config value as text, tuples read as lists (a YAML list and the tuple a checkpoint saved are the same)."""
+    if isinstance(value, tuple | list):
+        return str([_comparable(v) for v in value])
+    return str(value)
 
 
 def _is_sharded_checkpoint(path: str) -> bool:

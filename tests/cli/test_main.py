@@ -193,6 +193,7 @@ def test_a_checkpoint_path_resumes_with_the_configs_model_arguments(recipe, tmp_
     main(["fit", "--config", str(recipe), f"--ckpt_path={kept}", "--trainer.max_steps=3", "--model.init_args.lr=0.05"])
     err = capsys.readouterr().err
     assert f"resuming {kept} with the config's model arguments: lr=0.05 (trained with 0.005)" in err, err
+    assert "betas" not in err  # the config's list and the checkpoint's tuple are the same betas
     newest = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     saved = torch.load(newest, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3 and saved["hyper_parameters"]["lr"] == 0.05

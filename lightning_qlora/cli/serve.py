@@ -13,6 +13,9 @@ of the model on the device, answering N requests at once).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -217,7 +220,31 @@ def serve_command(args: list[str], parser_class: type[LightningArgumentParser] =
     host, port = config["host"], config["port"]
     print(f"lightning-qlora serve: {api.spec.model_name} at http://{host}:{port}/v1 (Ctrl+C stops)", file=sys.stderr)
     level = str(config["log_level"]).lower()
-    server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level=level)
+    with _terminate_as_interrupt():
+        server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level=level)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill PID``, process managers) takes Ctrl+C's path: LitServe then stops its API server and workers.
+
+    Without it the main process dies alone and its children keep serving on the port. Processes forked from this one
+    keep the default: they die on SIGTERM, which is how LitServe stops them.
+    """
+    main_pid = os.getpid()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["LOG_LEVELS", "QLoRAServeAPI", "check_serve_arguments", "serve_api", "serve_command", "served_name"]

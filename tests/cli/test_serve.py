@@ -103,6 +103,40 @@ def serve_in_fork(args, out_dir):
         os._exit(0)
 
 
+def test_sigterm_stops_the_server_and_its_workers(server, tmp_path):
+    """``kill PID`` (SIGTERM) takes Ctrl+C's path: the API server and the model worker stop with the main process."""
+    port = free_port()
+    pid = serve_in_fork([*server["args"], "--port", str(port), "--log_level", "warning"], tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(OSError):
+                if http("GET", f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
+                    break
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{(tmp_path / 'server.err').read_text()[-3000:]}")
+            time.sleep(0.25)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            assert time.monotonic() < deadline, "the main process outlived SIGTERM by 60 s"
+            time.sleep(0.2)
+        while True:  # no process of its group is left (the API server and the worker were its children)
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "a server process outlived the main one"
+            time.sleep(0.2)
+        with pytest.raises(OSError):
+            http("GET", f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 @pytest.fixture(scope="module")
 def expected(server):
     """Greedy answers of the same 4-bit model and adapter, in this process."""

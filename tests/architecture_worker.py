@@ -34,8 +34,9 @@ from lightning_qlora import CausalLM, LoRA, NF4Precision, PagedOptimizerStrategy
 from lightning_qlora.lora.experts import expert_lora_modules  # noqa: E402
 from lightning_qlora.lora.layer import LoRALinear  # noqa: E402
 from lightning_qlora.quantization.experts import expert_weight  # noqa: E402
+from lightning_qlora.quantization.linear_probe import conv1d_class, is_linear_like  # noqa: E402
 from lightning_qlora.quantization.nf4 import dequantize_weight, guard_cpu_repack, is_4bit_linear  # noqa: E402
-from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, is_router  # noqa: E402
+from lightning_qlora.quantization.shells import is_router  # noqa: E402
 
 NO_HEAD_DIM = ["head_dim", "num_key_value_heads"]
 MOE = {"num_experts_per_tok": 2}

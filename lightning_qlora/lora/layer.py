@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_qlora.lora.dropout import dropout
 from lightning_qlora.lora.function import fused_lora_linear
-from lightning_qlora.quantization.linear_probe import stands_in_as_linear
+from lightning_qlora.quantization.linear_probe import is_linear_like, stands_in_as_linear
 from lightning_qlora.quantization.nf4 import (
     DEFAULT_SKIP_MODULES,
     is_4bit_linear,
@@ -26,7 +26,7 @@ from lightning_qlora.quantization.nf4 import (
     is_skipped,
     tied_linear_names,
 )
-from lightning_qlora.quantization.shells import head_patterns, is_linear_like, is_router, linear_shape
+from lightning_qlora.quantization.shells import head_patterns, is_router, linear_shape
 from lightning_qlora.utils.dtypes import dtype_name, to_dtype
 
 

@@ -27,8 +27,8 @@ from lightning_qlora.quantization.experts import (
     stack_names,
     stack_shape,
 )
+from lightning_qlora.quantization.linear_probe import conv1d_class
 from lightning_qlora.quantization.nf4 import QuantizationConfig, dequantize_weight, is_4bit_linear, linear_to_4bit
-from lightning_qlora.quantization.shells import conv1d_class
 from lightning_qlora.utils.atomic import atomic_directory
 from lightning_qlora.utils.dtypes import DTypeLike, dtype_name, to_dtype
 

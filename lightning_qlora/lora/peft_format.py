@@ -43,8 +43,9 @@ from lightning_qlora.lora.peft_modules import (
 )
 from lightning_qlora.lora.peft_targets import peft_target_modules, split_targets
 from lightning_qlora.quantization.experts import is_experts_module
+from lightning_qlora.quantization.linear_probe import conv1d_class, is_linear_like
 from lightning_qlora.quantization.nf4 import is_4bit_linear
-from lightning_qlora.quantization.shells import conv1d_class, is_linear_like, linear_shape
+from lightning_qlora.quantization.shells import linear_shape
 from lightning_qlora.utils.atomic import atomic_directory
 from lightning_qlora.utils.errors import first_line
 from lightning_qlora.utils.finite import check_finite_tensors

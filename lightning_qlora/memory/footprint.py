@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_qlora.lora.layer import is_lora_parameter
 from lightning_qlora.quantization.experts import EXPERT_PARAMETERS
-from lightning_qlora.quantization.shells import is_linear_like
+from lightning_qlora.quantization.linear_probe import is_linear_like
 from lightning_qlora.utils.formatting import format_bytes
 from lightning_qlora.utils.imports import bitsandbytes
 from lightning_qlora.utils.modules import model_root

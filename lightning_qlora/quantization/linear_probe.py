@@ -34,6 +34,21 @@ _METADATA = frozenset({"dtype", "device", "shape", "size", "ndim", "dim", "requi
 """Attributes of ``self.<child>.weight`` that read its metadata, not its values (so do ``is_*``, ``new_*``, ``_*``)."""
 
 
+def conv1d_class() -> type | None:
+    """Transformers' ``Conv1D`` (GPT-2 style layers), or ``None`` without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` computes a linear map from a 2-D weight: ``nn.Linear`` (or a subclass) or a ``Conv1D``."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
 @dataclass(frozen=True)
 class _Read:
     child: str
@@ -143,7 +158,7 @@ def _own_forward(cls: type) -> bool:
 
 
 _LINEAR_CLASSES: dict[type, bool] = {}
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[type] = set()
 
 
 def computes_linear_map(module: nn.Module) -> bool:
@@ -162,22 +177,21 @@ def computes_linear_map(module: nn.Module) -> bool:
     return _LINEAR_CLASSES[cls]
 
 
+@torch.no_grad()
 def _probe(module: nn.Linear) -> bool:
     weight, bias = module.weight, module.bias
     dtype = weight.dtype if weight.is_floating_point() else torch.float32
     x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     x = x.to(device=weight.device, dtype=dtype)
     try:
-        with torch.no_grad():
-            y = type(module).forward(module, x)
+        y = type(module).forward(module, x)
     except Exception:  # noqa: BLE001 (any error means: not the linear map over this input)
         return False
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (3, module.out_features):
         return False
     if weight.device.type == "meta" or not weight.is_floating_point():
         return True
-    with torch.no_grad():
-        expected = F.linear(x, weight, bias)
+    expected = F.linear(x, weight, bias)
     return bool(torch.allclose(y.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-6))
 
 
@@ -189,19 +203,19 @@ def stands_in_as_linear(model: nn.Module, name: str, module: nn.Module) -> bool:
     """
     logical = name.removesuffix(".base_layer")
     parent_name, _, leaf = logical.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name or logical else model
+    parent = model.get_submodule(parent_name)  # "" is the model itself
     reads = weights_read_by(parent)
     if leaf in reads:
-        read = ", ".join(n for n in sorted(reads) if n == leaf or _linear(getattr(parent, n, None)))
+        read = ", ".join(n for n in sorted(reads) if n == leaf or is_linear_like(getattr(parent, n, None)))
         _warn_once(
-            (type(parent).__qualname__, ""),
+            type(parent),
             f"{type(parent).__name__} reads the weights of {read} itself, so those layers stay in full precision "
             "without adapters",
         )
         return False
     if not computes_linear_map(module):
         _warn_once(
-            (type(module).__qualname__, ""),
+            type(module),
             f"{type(module).__name__} ({logical}) does not compute x·Wᵀ + b over its weight, so it and its kind stay "
             "in full precision without an adapter",
         )
@@ -209,14 +223,10 @@ def stands_in_as_linear(model: nn.Module, name: str, module: nn.Module) -> bool:
     return True
 
 
-def _linear(module: object) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or is_4bit_linear(module)
-
-
-def _warn_once(key: tuple[str, str], message: str) -> None:
+def _warn_once(key: type, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, stacklevel=3)
 
 
-__all__ = ["computes_linear_map", "stands_in_as_linear", "weights_read_by"]
+__all__ = ["computes_linear_map", "conv1d_class", "is_linear_like", "stands_in_as_linear", "weights_read_by"]

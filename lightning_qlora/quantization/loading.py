@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from lightning_qlora.quantization.linear_probe import is_linear_like
 from lightning_qlora.quantization.nf4 import QuantizationConfig, is_skipped, make_params4bit
-from lightning_qlora.quantization.shells import is_linear_like, is_router, is_shell, make_shell
+from lightning_qlora.quantization.shells import is_router, is_shell, make_shell
 from lightning_qlora.utils.imports import bitsandbytes
 
 

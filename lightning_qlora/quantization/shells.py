@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.quantization.linear_probe import stands_in_as_linear
+from lightning_qlora.quantization.linear_probe import conv1d_class, is_linear_like, stands_in_as_linear
 from lightning_qlora.quantization.nf4 import DEFAULT_SKIP_MODULES, QuantizationConfig, is_skipped, make_params4bit
 from lightning_qlora.utils.imports import bitsandbytes
 
@@ -146,21 +146,6 @@ def deferred_linear_class() -> type:
 def is_shell(module: nn.Module) -> bool:
     """Whether ``module`` is a quantize-on-load shell (filled or not)."""
     return _DEFERRED_CLS is not None and isinstance(module, _DEFERRED_CLS)
-
-
-def conv1d_class() -> type | None:
-    """Transformers' ``Conv1D`` (GPT-2 style layers), or ``None`` without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """Whether ``module`` computes a linear map from a 2-D weight: ``nn.Linear`` (or a subclass) or a ``Conv1D``."""
-    conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def is_router(name: str, module: nn.Module) -> bool:
